@@ -1,0 +1,92 @@
+"""Command-line arguments of `scripts/train.py`, parsed with `HfArgumentParser` beside `TrainingArguments`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data import MASK_TYPES
+
+__all__ = ["DataArguments", "ModelArguments", "SamArguments"]
+
+
+@dataclass
+class ModelArguments:
+    """Which SAM checkpoint to start from."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "A Hub id such as facebook/sam-vit-base, or a local directory with a saved SamModel and "
+                          "SamProcessor."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit id)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+    token: str | None = field(default=None, metadata={"help": "Hub token; defaults to the one `hf auth login` stored."})
+
+
+@dataclass
+class DataArguments:
+    """Where the images and masks come from and how they are split."""
+
+    dataset_name: str = field(
+        metadata={"help": "A Hub dataset id, a directory written by save_to_disk, or a folder with images/ and masks/ "
+                          "(and optional instances/) sharing file stems."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    image_column: str = field(default="image", metadata={"help": "Image column of a Hub or saved dataset."})
+    mask_column: str = field(default="label", metadata={"help": "Mask column of a Hub or saved dataset."})
+    mask_type: str = field(
+        default="auto",
+        metadata={"help": "How masks become objects: 'instance' (one object per id), 'binary' (connected components), "
+                          "'semantic' (per class and component), or 'auto' (binary if one non-zero value, else "
+                          "instance).", "choices": list(MASK_TYPES)},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str = field(default="validation", metadata={"help": "Split to evaluate on, if the dataset has it."})
+    validation_split_percentage: float = field(
+        default=20.0, metadata={"help": "Percent of train held out (seeded) for evaluation when eval_split is absent."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for indexing masks."})
+
+    def __post_init__(self) -> None:
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"--mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}.")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}.")
+
+
+@dataclass
+class SamArguments:
+    """Prompts, freezing and loss."""
+
+    box_jitter: float = field(
+        default=20.0,
+        metadata={"help": "Maximum outward shift of each box side, in original-image pixels, for training boxes. "
+                          "Evaluation boxes are exact."},
+    )
+    max_objects_per_image: int | None = field(
+        default=16, metadata={"help": "Cap on box prompts per image per training step, sampled at random."}
+    )
+    freeze_vision_encoder: bool = field(default=True, metadata={"help": "Freeze the ViT image encoder."})
+    freeze_prompt_encoder: bool = field(default=True, metadata={"help": "Freeze the prompt encoder."})
+    lambda_dice: float = field(default=1.0, metadata={"help": "Weight of the Dice term of DiceCE."})
+    lambda_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term of DiceCE."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement (EarlyStoppingCallback)."}
+    )
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Evaluate the base model first, so the card can report before and after."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.box_jitter < 0:
+            raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
+        if self.max_objects_per_image is not None and self.max_objects_per_image < 1:
+            raise ValueError(f"--max_objects_per_image must be >= 1, got {self.max_objects_per_image}.")
+        if self.lambda_dice < 0 or self.lambda_ce < 0 or self.lambda_dice + self.lambda_ce == 0:
+            raise ValueError(f"--lambda_dice and --lambda_ce must be >= 0 and not both 0, got {self.lambda_dice} and "
+                             f"{self.lambda_ce}.")

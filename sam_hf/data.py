@@ -1,0 +1,451 @@
+"""Data: load image/mask sources, turn masks into objects and box prompts, and build model inputs.
+
+The pipeline is:
+
+1. `load_source` returns a `DatasetDict` with an image column and a mask column, from a Hub dataset id, a directory
+   written by `save_to_disk`, or a plain folder with `images/`, `masks/` and optional `instances/`.
+2. `index_objects` (a cached `datasets.map`) reads each mask once, turns it into an instance map (one id per object)
+   and stores every object's exact xyxy box. Images without objects are dropped, counted and logged.
+3. `SamTransform`, attached with `with_transform`, decodes an image on the fly, samples up to
+   `max_objects_per_image` objects, jitters their boxes (training only) and produces `pixel_values`, `input_boxes` and
+   `labels`. Labels are resized and padded exactly as `SamProcessor` resizes and pads the image.
+4. `SamDataCollator` pads the number of objects across a batch; padded objects carry `-100` labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+from transformers import SamProcessor
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+MASK_TYPES = ("auto", "instance", "binary", "semantic")
+LABEL_PAD = -100.0
+
+__all__ = [
+    "SamDataCollator",
+    "SamTransform",
+    "boxes_from_instances",
+    "index_objects",
+    "jitter_boxes",
+    "load_source",
+    "mask_to_instances",
+    "resize_and_pad_masks",
+    "to_rgb_array",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+
+
+def _check_readable(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"Cannot read image file {path}: {err}. Expected a readable image file.") from err
+
+
+def load_image_folder(folder: str | os.PathLike) -> datasets.Dataset:
+    """Read a folder with `images/`, `masks/` and an optional `instances/` into a `Dataset`.
+
+    The three sub-folders share file stems. When `instances/` exists its integer instance maps (0 = background) are used
+    as masks, otherwise the binary masks of `masks/`. Every pair is checked up front: stems without a partner, files
+    that cannot be read, and images whose size differs from their mask raise a `ValueError` naming the file.
+
+    Returns:
+        `datasets.Dataset` with columns `image`, `label` (both `datasets.Image`) and `file_name` (the stem).
+    """
+    folder = Path(folder)
+    image_dir = folder / "images"
+    if not image_dir.is_dir():
+        raise ValueError(f"{folder} has no images/ sub-folder; expected images/ and masks/ (or instances/).")
+    mask_dir = folder / "instances" if (folder / "instances").is_dir() else folder / "masks"
+    if not mask_dir.is_dir():
+        raise ValueError(f"{folder} has neither instances/ nor masks/; expected one of them beside images/.")
+    images, masks = _list_images(image_dir), _list_images(mask_dir)
+    orphans = sorted(set(masks) - set(images))
+    if orphans:
+        raise ValueError(f"Mask file {masks[orphans[0]]} has no image in {image_dir} (same stem expected); "
+                         f"{len(orphans)} mask file(s) without an image in total.")
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise ValueError(f"Image file {images[missing[0]]} has no mask in {mask_dir} (same stem expected); "
+                         f"{len(missing)} image file(s) without a mask in total.")
+    if not images:
+        raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found in {image_dir}.")
+    for stem in images:
+        image_size, mask_size = _check_readable(images[stem]), _check_readable(masks[stem])
+        if image_size != mask_size:
+            raise ValueError(f"Image {images[stem]} is {image_size[0]}x{image_size[1]} (WxH) but its mask "
+                             f"{masks[stem]} is {mask_size[0]}x{mask_size[1]}; they must have the same size.")
+    stems = sorted(images)
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(images[s]) for s in stems], "label": [str(masks[s]) for s in stems], "file_name": stems}
+    )
+    logger.info("Read %d image/mask pairs from %s (masks from %s/)", len(stems), folder, mask_dir.name)
+    return ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image())
+
+
+def load_source(
+    dataset_name: str,
+    dataset_config_name: str | None = None,
+    image_column: str = "image",
+    mask_column: str = "label",
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> datasets.DatasetDict:
+    """Load a Hub dataset id, a `save_to_disk` directory, or an images/masks folder as a `DatasetDict`.
+
+    The returned splits have the columns `image` and `label` (renamed from `image_column` / `mask_column`).
+    """
+    path = Path(dataset_name)
+    if path.is_dir() and (path / "images").is_dir():
+        dsd = datasets.DatasetDict({"train": load_image_folder(path)})
+        image_column, mask_column = "image", "label"
+    elif path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        loaded = datasets.load_from_disk(str(path))
+        dsd = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    elif path.exists():
+        raise ValueError(f"--dataset_name {dataset_name} is a path but neither a folder with images/ and masks/ nor a "
+                         "directory written by save_to_disk.")
+    else:
+        dsd = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
+    for split, ds in dsd.items():
+        for arg, column in (("--image_column", image_column), ("--mask_column", mask_column)):
+            if column not in ds.column_names:
+                raise ValueError(f"{arg} {column!r} is not a column of split {split!r} of {dataset_name}; "
+                                 f"available columns: {', '.join(ds.column_names)}.")
+        if image_column != "image" or mask_column != "label":
+            ds = ds.rename_columns({k: v for k, v in ((image_column, "image"), (mask_column, "label")) if k != v})
+        dsd[split] = ds
+    return dsd
+
+
+def split_source(
+    dsd: datasets.DatasetDict,
+    train_split: str = "train",
+    eval_split: str | None = "validation",
+    validation_split_percentage: float = 20.0,
+    seed: int = 42,
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Return the train and eval splits, carving a seeded eval split out of train when `eval_split` is missing."""
+    if train_split not in dsd:
+        raise ValueError(f"--train_split {train_split!r} is not a split of the dataset; splits: {', '.join(dsd)}.")
+    train = dsd[train_split]
+    if eval_split and eval_split in dsd:
+        return train, dsd[eval_split]
+    if not validation_split_percentage:
+        return train, None
+    n_eval = max(1, round(len(train) * validation_split_percentage / 100))
+    if n_eval >= len(train):
+        raise ValueError(f"--validation_split_percentage {validation_split_percentage} leaves no training images "
+                         f"out of {len(train)}.")
+    parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    logger.info("No %r split: held out %d of %d images (seed %d) for evaluation", eval_split, n_eval, len(train), seed)
+    return parts["train"], parts["test"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Masks -> objects -> boxes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def to_rgb_array(image: Any) -> np.ndarray:
+    """Convert a PIL image or array (grayscale, RGBA, 16-bit, float) to an `(H, W, 3)` uint8 array."""
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            image = np.asarray(image)
+        else:
+            return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr - lo) / (hi - lo) * 255 + 0.5).astype(np.uint8) if hi > lo else np.zeros(arr.shape, np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"Expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {arr.shape}.")
+    return np.ascontiguousarray(arr)
+
+
+def _mask_array(mask: Any) -> np.ndarray:
+    arr = np.asarray(mask)
+    if arr.ndim == 3:
+        if not (arr[..., :1] == arr).all():
+            raise ValueError(f"Expected a single-channel mask, got shape {arr.shape} with differing channels.")
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ValueError(f"Expected a 2-D mask, got shape {arr.shape}.")
+    return arr
+
+
+def mask_to_instances(mask: Any, mask_type: str = "auto") -> np.ndarray:
+    """Turn a mask into an instance map: `(H, W)` int32 with ids 1..N for the N objects and 0 for background.
+
+    Args:
+        mask: an `(H, W)` array or PIL image.
+        mask_type (`str`, *optional*, defaults to `"auto"`):
+            - `"instance"`: every non-zero value is one object.
+            - `"binary"`: every 4-connected component of non-zero pixels is one object.
+            - `"semantic"`: every connected component of every non-zero class is one object.
+            - `"auto"`: `"binary"` when the mask has a single non-zero value, `"instance"` otherwise.
+    """
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}.")
+    arr = _mask_array(mask)
+    values = np.unique(arr)
+    values = values[values != 0]
+    if mask_type == "auto":
+        mask_type = "binary" if len(values) <= 1 else "instance"
+    if mask_type == "instance":
+        ids = np.searchsorted(values, arr).astype(np.int32) + 1
+        return np.where(arr != 0, ids, 0).astype(np.int32)
+    if mask_type == "binary":
+        return ndimage.label(arr != 0)[0].astype(np.int32)
+    out = np.zeros(arr.shape, np.int32)
+    for value in values:
+        components, _ = ndimage.label(arr == value)
+        out[components > 0] = components[components > 0] + out.max()
+    return out
+
+
+def boxes_from_instances(instances: np.ndarray) -> np.ndarray:
+    """Exact xyxy boxes `(N, 4)` in pixel coordinates of an instance map with ids 1..N.
+
+    Coordinates are those of the outermost object pixels: `[x_min, y_min, x_max, y_max]`, inclusive.
+    """
+    n = int(instances.max()) if instances.size else 0
+    boxes = np.zeros((n, 4), np.float32)
+    for i, slc in enumerate(ndimage.find_objects(instances, max_label=n)):
+        if slc is None:
+            raise ValueError(f"Instance id {i + 1} is missing from an instance map with ids up to {n}.")
+        boxes[i] = (slc[1].start, slc[0].start, slc[1].stop - 1, slc[0].stop - 1)
+    return boxes
+
+
+def jitter_boxes(
+    boxes: np.ndarray, max_shift: float, image_size: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
+    """Move every side of every xyxy box outward by a uniform random amount in `[0, max_shift]` pixels.
+
+    Boxes stay inside the image: `0 <= x <= W - 1`, `0 <= y <= H - 1` for `image_size = (H, W)`.
+    """
+    if max_shift < 0:
+        raise ValueError(f"box_jitter must be >= 0, got {max_shift}.")
+    height, width = image_size
+    shift = rng.uniform(0, max_shift, size=boxes.shape) * np.array([-1, -1, 1, 1])
+    out = boxes + shift
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width - 1)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height - 1)
+    return out.astype(np.float32)
+
+
+def index_objects(
+    ds: datasets.Dataset, mask_type: str = "auto", split_name: str = "train", num_proc: int | None = None
+) -> datasets.Dataset:
+    """Add `boxes` (exact xyxy per object) and `num_objects` columns; drop, count and log images without objects.
+
+    Runs as a cached `datasets.map`: each mask is decoded once here and once per use in the transform.
+    """
+
+    def _index(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        boxes, counts = [], []
+        for image, mask, idx in zip(batch["image"], batch["label"], indices):
+            where = f"row {idx} of split {split_name!r}"
+            try:
+                mask_arr = _mask_array(mask)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from err
+            if (image.height, image.width) != mask_arr.shape:
+                raise ValueError(f"{where}: image is {image.height}x{image.width} (HxW) but mask is "
+                                 f"{mask_arr.shape[0]}x{mask_arr.shape[1]}; they must have the same size.")
+            b = boxes_from_instances(mask_to_instances(mask_arr, mask_type))
+            boxes.append(b.tolist())
+            counts.append(len(b))
+        return {"boxes": boxes, "num_objects": counts}
+
+    features = ds.features.copy()
+    features["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
+    features["num_objects"] = datasets.Value("int32")
+    ds = ds.map(_index, batched=True, batch_size=16, with_indices=True, features=features, num_proc=num_proc,
+                desc=f"Indexing objects ({split_name})")
+    kept = ds.filter(lambda n: n > 0, input_columns="num_objects", desc=f"Dropping empty masks ({split_name})")
+    skipped = len(ds) - len(kept)
+    if skipped:
+        logger.warning("Split %r: skipped %d of %d images whose mask has no object", split_name, skipped, len(ds))
+    if len(kept) == 0:
+        raise ValueError(f"Split {split_name!r} is empty after dropping images without objects ({len(ds)} images "
+                         "had no non-zero mask pixel). Check --mask_column and --mask_type.")
+    logger.info("Split %r: %d images, %d objects", split_name, len(kept), sum(kept["num_objects"]))
+    return kept
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model inputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resized_shape(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """The `(H, W)` that `SamImageProcessor` resizes an image to: longest side `longest_edge`, aspect kept."""
+    scale = longest_edge / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_and_pad_masks(masks: torch.Tensor, longest_edge: int, pad_size: int) -> torch.Tensor:
+    """Resize `(N, H, W)` binary masks the way `SamProcessor` resizes the image, then pad bottom/right with zeros.
+
+    The masks keep their aspect ratio (longest side `longest_edge`, same rounding as the image processor) and sit
+    top-left in a `(pad_size, pad_size)` frame, exactly like the image in `pixel_values`. Area-style (antialiased
+    bilinear) resampling gives soft labels in [0, 1], so objects smaller than one low-resolution pixel do not vanish.
+
+    Returns:
+        `torch.FloatTensor` of shape `(N, pad_size, pad_size)`.
+    """
+    n, height, width = masks.shape
+    new_h, new_w = resized_shape(height, width, longest_edge)
+    resized = F.interpolate(masks[:, None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                            align_corners=False)[:, 0].clamp_(0, 1)
+    return F.pad(resized, (0, pad_size - new_w, 0, pad_size - new_h))
+
+
+class SamTransform:
+    """On-the-fly transform for `Dataset.with_transform`: images + objects -> SAM inputs and labels.
+
+    Args:
+        processor (`SamProcessor`): the model's processor; it resizes, normalises and pads images and scales boxes.
+        train (`bool`): sample objects at random and jitter boxes (training), or keep every object with its exact box.
+        box_jitter (`float`, *optional*, defaults to 0): maximum outward shift of each box side, in original pixels.
+        max_objects_per_image (`int`, *optional*): cap on prompts per image; sampled at random when training, the
+            first ones otherwise. `None` keeps all.
+        mask_type (`str`, *optional*, defaults to `"auto"`): see `mask_to_instances`.
+        seed (`int`, *optional*): seed of the prompt-side randomness; each call draws fresh jitter and samples.
+        with_instances (`bool`): also return the original-resolution instance map and the object ids, for metrics.
+
+    Output per example: `pixel_values` `(3, S, S)`, `input_boxes` `(K, 4)` in the resized frame, `labels`
+    `(K, m, m)` soft masks in the low-resolution frame, `original_sizes` `(2,)`, `reshaped_input_sizes` `(2,)`, and
+    with `with_instances` also `instances` `(H, W)` and `object_ids` `(K,)`.
+    """
+
+    def __init__(
+        self,
+        processor: SamProcessor,
+        train: bool,
+        box_jitter: float = 0.0,
+        max_objects_per_image: int | None = None,
+        mask_type: str = "auto",
+        seed: int | None = None,
+        with_instances: bool = False,
+    ):
+        self.processor = processor
+        self.train = train
+        self.box_jitter = box_jitter if train else 0.0
+        self.max_objects_per_image = max_objects_per_image
+        self.mask_type = mask_type
+        self.seed = seed
+        self._rng: np.random.Generator | None = None
+        self._rng_key: int | None = None
+        self.with_instances = with_instances
+        ip = processor.image_processor
+        self.mask_longest_edge = ip.mask_size["longest_edge"]
+        self.mask_pad = ip.mask_pad_size["height"]
+
+    @property
+    def rng(self) -> np.random.Generator:
+        # Created lazily so that every dataloader worker (each with its own torch seed) draws its own prompts.
+        key = torch.initial_seed()
+        if self._rng is None or self._rng_key != key:
+            self._rng = np.random.default_rng([self.seed or 0, key % 2**63])
+            self._rng_key = key
+        return self._rng
+
+    def select(self, num_objects: int) -> np.ndarray:
+        k = num_objects if self.max_objects_per_image is None else min(num_objects, self.max_objects_per_image)
+        if self.train and k < num_objects:
+            return np.sort(self.rng.choice(num_objects, size=k, replace=False))
+        return np.arange(k)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in ("pixel_values", "input_boxes", "labels", "original_sizes",
+                                                 "reshaped_input_sizes")}
+        if self.with_instances:
+            out["instances"], out["object_ids"] = [], []
+        for image, mask, boxes in zip(batch["image"], batch["label"], batch["boxes"]):
+            rgb = to_rgb_array(image)
+            instances = mask_to_instances(mask, self.mask_type)
+            keep = self.select(len(boxes))
+            b = np.asarray(boxes, np.float32)[keep]
+            if self.box_jitter:
+                b = jitter_boxes(b, self.box_jitter, rgb.shape[:2], self.rng)
+            enc = self.processor(images=rgb, input_boxes=[b.tolist()], return_tensors="pt")
+            ids = torch.from_numpy(keep + 1)
+            inst = torch.from_numpy(instances)
+            masks = inst[None] == ids[:, None, None]
+            out["pixel_values"].append(enc["pixel_values"][0])
+            out["input_boxes"].append(enc["input_boxes"][0].float())
+            out["labels"].append(resize_and_pad_masks(masks, self.mask_longest_edge, self.mask_pad))
+            out["original_sizes"].append(torch.as_tensor(enc["original_sizes"][0]))
+            out["reshaped_input_sizes"].append(torch.as_tensor(enc["reshaped_input_sizes"][0]))
+            if self.with_instances:
+                out["instances"].append(inst)
+                out["object_ids"].append(ids)
+        return out
+
+
+@dataclass
+class SamDataCollator:
+    """Stack examples from `SamTransform`, padding the number of objects to the batch maximum.
+
+    Padded objects get an all-zero box, `-100` labels and object id 0. Instance maps are padded with background to the
+    largest image of the batch.
+    """
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        k = max(f["input_boxes"].shape[0] for f in features)
+        m = features[0]["labels"].shape[-1]
+        batch = {
+            "pixel_values": torch.stack([f["pixel_values"] for f in features]),
+            "input_boxes": torch.zeros(len(features), k, 4),
+            "labels": torch.full((len(features), k, m, m), LABEL_PAD),
+            "original_sizes": torch.stack([f["original_sizes"] for f in features]),
+            "reshaped_input_sizes": torch.stack([f["reshaped_input_sizes"] for f in features]),
+        }
+        for i, f in enumerate(features):
+            n = f["input_boxes"].shape[0]
+            batch["input_boxes"][i, :n] = f["input_boxes"]
+            batch["labels"][i, :n] = f["labels"]
+        if "instances" in features[0]:
+            h = max(f["instances"].shape[0] for f in features)
+            w = max(f["instances"].shape[1] for f in features)
+            batch["instances"] = torch.zeros(len(features), h, w, dtype=torch.int32)
+            batch["object_ids"] = torch.zeros(len(features), k, dtype=torch.int32)
+            for i, f in enumerate(features):
+                hh, ww = f["instances"].shape
+                batch["instances"][i, :hh, :ww] = f["instances"]
+                batch["object_ids"][i, : f["object_ids"].shape[0]] = f["object_ids"]
+        return batch

@@ -1,0 +1,80 @@
+"""The model card: rendered from the top-level `model_card.md` template through `huggingface_hub.ModelCard`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["model_card_template", "render_model_card"]
+
+HYPERPARAMETERS = (
+    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+    "warmup_steps", "lr_scheduler_type", "weight_decay", "optim", "seed",
+)
+
+
+def model_card_template() -> Path:
+    """Path of the card template: `model_card.md` of the source tree, or the copy packaged with sam_hf."""
+    repo_copy = Path(__file__).resolve().parent.parent / "model_card.md"
+    if repo_copy.is_file():
+        return repo_copy
+    return Path(str(resources.files("sam_hf") / "model_card.md"))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
+
+
+def render_model_card(trainer: Any, **info: Any) -> ModelCard:
+    """Render the card of a `SamTrainer` run.
+
+    `info` carries what the trainer does not know: `base_model`, `dataset_name`, `frozen_modules`, `loss`,
+    `prompt_recipe`, `metrics_before` and `metrics_after` (dicts with `dice` / `iou`). Trainer keyword arguments that
+    `Trainer.push_to_hub` forwards (`model_name`, `tags`, `language`, ...) are accepted; unknown ones are ignored.
+    """
+    args = trainer.args
+    before, after = info.get("metrics_before") or {}, info.get("metrics_after") or {}
+    dataset = info.get("dataset_name")
+    model_id = args.hub_model_id or Path(args.output_dir).name
+    eval_results = [
+        EvalResult(task_type="mask-generation", dataset_type=str(dataset), dataset_name=str(dataset),
+                   metric_type=name, metric_name=f"Per-object {name.capitalize()} (box prompts)", metric_value=value)
+        for name in ("dice", "iou") if (value := after.get(name)) is not None and dataset
+    ]
+    tags = ["sam", "segment-anything", "mask-generation", "sam_hf", *(info.get("tags") or [])]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="mask-generation",
+        base_model=info.get("base_model"),
+        datasets=[dataset] if dataset and not Path(dataset).exists() else None,
+        tags=tags,
+        license=info.get("license"),
+        model_name=model_id,
+        eval_results=eval_results or None,
+    )
+    hyperparameters = {name: getattr(args, name) for name in HYPERPARAMETERS}
+    hyperparameters["world_size"] = args.world_size
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(model_card_template()),
+        model_id=model_id,
+        base_model=info.get("base_model"),
+        dataset_name=dataset,
+        frozen_modules=", ".join(info.get("frozen_modules") or []) or "none",
+        trainable_parameters=info.get("trainable_parameters"),
+        loss=info.get("loss"),
+        prompt_recipe=info.get("prompt_recipe"),
+        hyperparameters=hyperparameters,
+        before={k: _fmt(before.get(k)) for k in ("dice", "iou")},
+        after={k: _fmt(after.get(k)) for k in ("dice", "iou")},
+        num_eval_objects=after.get("num_objects") or before.get("num_objects"),
+        box_baseline=_fmt(info.get("box_baseline_dice")),
+        training_log=json.dumps(trainer.state.log_history[-1:], default=str) if trainer.state.log_history else None,
+    )

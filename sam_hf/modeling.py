@@ -1,0 +1,185 @@
+"""Loading SAM-family checkpoints, freezing modules and the tiny configuration used offline."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ParameterCount", "count_parameters", "freeze_modules", "load_model_and_processor", "tiny_sam_config",
+           "tiny_sam_processor"]
+
+
+def tiny_sam_config(
+    image_size: int = 256,
+    patch_size: int = 16,
+    vision_hidden_size: int = 96,
+    vision_layers: int = 4,
+    hidden_size: int = 64,
+    window_size: int = 4,
+) -> SamConfig:
+    """A small `SamConfig` whose sub-configs agree with each other, for CPU demos and tests.
+
+    The constraints SAM places on its sub-configs are all derived here from the arguments:
+
+    - vision `output_channels` == prompt-encoder `hidden_size` == mask-decoder `hidden_size` (`hidden_size`);
+    - vision `num_pos_feats` == `hidden_size // 2`;
+    - prompt-encoder `image_size` / `patch_size` == the vision encoder's.
+
+    The low-resolution masks the decoder predicts are `4 * image_size // patch_size` pixels square.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 256): side of the square, padded model input.
+        patch_size (`int`, *optional*, defaults to 16): ViT patch size; the embedding grid is `image_size // patch_size`.
+        vision_hidden_size (`int`, *optional*, defaults to 96): width of the ViT encoder.
+        vision_layers (`int`, *optional*, defaults to 4): depth of the ViT encoder; the last layer uses global attention.
+        hidden_size (`int`, *optional*, defaults to 64): width of the image embedding, prompt encoder and mask decoder.
+        window_size (`int`, *optional*, defaults to 4): windowed-attention size of the non-global ViT layers.
+
+    Example:
+
+    ```python
+    >>> from transformers import SamModel
+    >>> model = SamModel(tiny_sam_config())
+    >>> model.config.vision_config.output_channels == model.config.mask_decoder_config.hidden_size
+    True
+    ```
+    """
+    if hidden_size % 2:
+        raise ValueError(f"`hidden_size` must be even (num_pos_feats is half of it), got {hidden_size}.")
+    if image_size % patch_size:
+        raise ValueError(f"`image_size` ({image_size}) must be a multiple of `patch_size` ({patch_size}).")
+    vision = {
+        "hidden_size": vision_hidden_size,
+        "output_channels": hidden_size,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "window_size": window_size,
+        "global_attn_indexes": [vision_layers // 2 - 1, vision_layers - 1] if vision_layers > 1 else [0],
+        "num_pos_feats": hidden_size // 2,
+        "mlp_dim": 2 * vision_hidden_size,
+    }
+    prompt = {"hidden_size": hidden_size, "image_size": image_size, "patch_size": patch_size}
+    decoder = {
+        "hidden_size": hidden_size,
+        "mlp_dim": 4 * hidden_size,
+        "num_attention_heads": 4,
+        "iou_head_hidden_dim": hidden_size,
+    }
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def tiny_sam_processor(config: SamConfig) -> SamProcessor:
+    """A `SamProcessor` whose image and mask sizes match `config` (input side and low-resolution mask side)."""
+    image_size = config.vision_config.image_size
+    mask_side = 4 * (image_size // config.vision_config.patch_size)
+    image_processor = SamImageProcessorPil(
+        size={"longest_edge": image_size},
+        pad_size={"height": image_size, "width": image_size},
+        mask_size={"longest_edge": mask_side},
+        mask_pad_size={"height": mask_side, "width": mask_side},
+    )
+    return SamProcessor(image_processor=image_processor)
+
+
+@dataclass
+class ParameterCount:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} / total {self.total:,} ({100 * self.trainable / max(self.total, 1):.2f}%)"
+
+
+def count_parameters(model: torch.nn.Module) -> ParameterCount:
+    """Trainable and total parameter counts, each shared tensor counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return ParameterCount(
+        trainable=sum(p.numel() for p in params if p.requires_grad), total=sum(p.numel() for p in params)
+    )
+
+
+def freeze_modules(model: SamModel, freeze_vision_encoder: bool = True, freeze_prompt_encoder: bool = True) -> None:
+    """Switch off gradients of the frozen SAM modules; the mask decoder stays trainable.
+
+    The image-wide positional embedding is shared by the prompt encoder and the image side; it is frozen with the
+    prompt encoder.
+    """
+    model.requires_grad_(True)
+    if freeze_vision_encoder:
+        model.vision_encoder.requires_grad_(False)
+    if freeze_prompt_encoder:
+        model.prompt_encoder.requires_grad_(False)
+        model.shared_image_embedding.requires_grad_(False)
+    logger.info(
+        "Frozen modules: %s. Parameters: %s",
+        ", ".join(n for n, f in [("vision_encoder", freeze_vision_encoder), ("prompt_encoder", freeze_prompt_encoder)]
+                  if f) or "none",
+        count_parameters(model),
+    )
+
+
+def load_model_and_processor(
+    model_name_or_path: str, revision: str = "main", token: str | None = None, cache_dir: str | None = None
+) -> tuple[SamModel, SamProcessor]:
+    """Load a SAM checkpoint and its processor from the Hub or a local directory.
+
+    Args:
+        model_name_or_path (`str`): a Hub id such as `facebook/sam-vit-base`, or a directory written by
+            `save_pretrained` holding both the model and the processor.
+        revision (`str`, *optional*, defaults to `"main"`): the Hub revision.
+        token (`str`, *optional*): a Hub token; never logged.
+        cache_dir (`str`, *optional*): where downloads are cached.
+    """
+    kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir}
+    try:
+        model = SamModel.from_pretrained(model_name_or_path, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"Could not load a SAM model from --model_name_or_path={model_name_or_path!r}: expected a Hub id such as "
+            "'facebook/sam-vit-base' or a directory holding config.json and model weights."
+        ) from err
+    processor = SamProcessor.from_pretrained(model_name_or_path, **kwargs)
+    check_processor_matches_model(processor, model.config)
+    return model, processor
+
+
+def low_res_mask_side(config: SamConfig) -> int:
+    """Side of the square low-resolution masks the mask decoder predicts (4 x the embedding grid)."""
+    return 4 * (config.vision_config.image_size // config.vision_config.patch_size)
+
+
+def check_processor_matches_model(processor: SamProcessor, config: SamConfig) -> None:
+    """Raise if the processor would produce inputs or labels of another size than the model expects."""
+    ip = processor.image_processor
+    image_size, mask_side = config.vision_config.image_size, low_res_mask_side(config)
+    problems = []
+    if ip.pad_size["height"] != image_size or ip.pad_size["width"] != image_size:
+        problems.append(f"pad_size {dict(ip.pad_size)} != image_size {image_size}")
+    if ip.size["longest_edge"] != image_size:
+        problems.append(f"size {dict(ip.size)} != longest_edge {image_size}")
+    if ip.mask_size["longest_edge"] != mask_side:
+        problems.append(f"mask_size {dict(ip.mask_size)} != longest_edge {mask_side}")
+    if ip.mask_pad_size["height"] != mask_side or ip.mask_pad_size["width"] != mask_side:
+        problems.append(f"mask_pad_size {dict(ip.mask_pad_size)} != {mask_side}")
+    if problems:
+        raise ValueError("The processor does not match the model config: " + "; ".join(problems))
+
+
+def freeze_unused_decoder_outputs(model: SamModel) -> None:
+    """Freeze the decoder parts that single-mask box training never reaches: the IoU head and the hypernetwork MLPs
+    of the three multimask tokens.
+
+    With `multimask_output=False` they get no gradient; left trainable they would make DistributedDataParallel wait
+    for gradients that never come. Freezing them also keeps them bit-identical to the base model.
+    """
+    decoder = model.mask_decoder
+    decoder.iou_prediction_head.requires_grad_(False)
+    for mlp in decoder.output_hypernetworks_mlps[1:]:
+        mlp.requires_grad_(False)

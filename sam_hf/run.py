@@ -1,0 +1,177 @@
+"""The training job behind `scripts/train.py`, callable in-process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import transformers
+from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
+
+from .config import DataArguments, ModelArguments, SamArguments
+from .data import SamDataCollator, SamTransform, index_objects, load_source, mask_to_instances, split_source
+from .loss import SamDiceCELoss
+from .metrics import compute_metrics
+from .modeling import count_parameters, freeze_modules, freeze_unused_decoder_outputs, load_model_and_processor
+from .trainer import SamTrainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["box_baseline_dice", "parse_args", "run_training"]
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, SamArguments, TrainingArguments)
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, SamArguments, TrainingArguments]:
+    """Parse the command line, or a single `.yaml` / `.json` config path given as the only argument."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def box_baseline_dice(dataset: datasets.Dataset, mask_type: str = "auto") -> float:
+    """Mean per-object Dice of predicting each object's exact box, filled: the score a model must beat."""
+    scores = []
+    for mask, boxes in zip(dataset["label"], dataset["boxes"]):
+        instances = mask_to_instances(mask, mask_type)
+        for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, int), start=1):
+            area = int((instances == i).sum())
+            box_area = (x1 - x0 + 1) * (y1 - y0 + 1)
+            scores.append(2 * area / (area + box_area))
+    return float(np.mean(scores))
+
+
+def _setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler()]
+    )
+    level = training_args.get_process_log_level()
+    logging.getLogger("sam_hf").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def run_training(
+    model_args: ModelArguments, data_args: DataArguments, sam_args: SamArguments, training_args: TrainingArguments
+) -> dict[str, float]:
+    """Fine-tune a SAM mask decoder with box prompts; returns the merged metrics (base, train, eval).
+
+    The flow is the one of the transformers example scripts: load, preprocess, `train`, `save_model`,
+    `log_metrics` / `save_metrics` / `save_state`, `evaluate`, then `push_to_hub` or `create_model_card`.
+    """
+    _setup_logging(training_args)
+    # SamModel's forward would silently drop our columns, and the default label names do not fit it.
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["labels"]
+    if training_args.metric_for_best_model in ("dice", "iou", "eval_dice", "eval_iou"):
+        training_args.greater_is_better = True
+    set_seed(training_args.seed)
+
+    model, processor = load_model_and_processor(
+        model_args.model_name_or_path, model_args.model_revision, model_args.token, model_args.cache_dir
+    )
+    freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
+    freeze_unused_decoder_outputs(model)
+    params = count_parameters(model)
+    logger.info("Parameters after freezing: %s", params)
+
+    with training_args.main_process_first(desc="dataset preprocessing"):
+        source = load_source(data_args.dataset_name, data_args.dataset_config_name, data_args.image_column,
+                             data_args.mask_column, model_args.cache_dir, model_args.token)
+        train_ds, eval_ds = split_source(source, data_args.train_split, data_args.eval_split,
+                                         data_args.validation_split_percentage, training_args.seed)
+        if data_args.max_train_samples is not None:
+            train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
+        if eval_ds is not None and data_args.max_eval_samples is not None:
+            eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
+        train_ds = index_objects(train_ds, data_args.mask_type, "train", data_args.preprocessing_num_workers)
+        if eval_ds is not None:
+            eval_ds = index_objects(eval_ds, data_args.mask_type, "eval", data_args.preprocessing_num_workers)
+
+    box_baseline = box_baseline_dice(eval_ds, data_args.mask_type) if eval_ds is not None else None
+    train_ds = train_ds.with_transform(SamTransform(
+        processor, train=True, box_jitter=sam_args.box_jitter, max_objects_per_image=sam_args.max_objects_per_image,
+        mask_type=data_args.mask_type, seed=training_args.seed,
+    ))
+    if eval_ds is not None:
+        eval_ds = eval_ds.with_transform(SamTransform(processor, train=False, mask_type=data_args.mask_type,
+                                                      with_instances=True))
+
+    frozen = [n for n, f in (("vision_encoder", sam_args.freeze_vision_encoder),
+                             ("prompt_encoder", sam_args.freeze_prompt_encoder)) if f]
+    card_info = {
+        "base_model": model_args.model_name_or_path if not Path(model_args.model_name_or_path).exists() else None,
+        "dataset_name": data_args.dataset_name,
+        "frozen_modules": frozen,
+        "trainable_parameters": str(params),
+        "loss": f"MONAI DiceCELoss(sigmoid=True), lambda_dice={sam_args.lambda_dice}, lambda_ce={sam_args.lambda_ce}, "
+                "on the low-resolution mask logits with multimask_output=False.",
+        "prompt_recipe": f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training "
+                         f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
+                         f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact.",
+        "box_baseline_dice": box_baseline,
+    }
+    if card_info["base_model"] is None:
+        card_info["base_model"] = Path(model_args.model_name_or_path).name
+    callbacks = []
+    if sam_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=sam_args.early_stopping_patience))
+
+    trainer = SamTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=SamDataCollator(),
+        # The image processor, not the SamProcessor: Trainer.train() looks for a tokenizer on any ProcessorMixin.
+        # SamProcessor.from_pretrained and pipeline() load the saved image processor config as they are.
+        processing_class=processor.image_processor,
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+        loss_fn=SamDiceCELoss(sam_args.lambda_dice, sam_args.lambda_ce),
+        card_info=card_info,
+    )
+
+    all_metrics: dict[str, float] = {}
+    if eval_ds is not None and sam_args.eval_before_training:
+        base = trainer.evaluate(metric_key_prefix="base_eval")
+        base["base_eval_box_baseline_dice"] = box_baseline
+        trainer.log_metrics("base_eval", base)
+        trainer.save_metrics("base_eval", base)
+        card_info["metrics_before"] = {k.removeprefix("base_eval_"): v for k, v in base.items()}
+        all_metrics.update(base)
+
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = train_result.metrics
+    metrics["train_samples"] = len(train_ds)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    all_metrics.update(metrics)
+
+    if eval_ds is not None:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_ds)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        card_info["metrics_after"] = {k.removeprefix("eval_"): v for k, v in metrics.items()}
+        all_metrics.update(metrics)
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="End of training")
+    else:
+        trainer.create_model_card()
+    return all_metrics

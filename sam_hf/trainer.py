@@ -1,0 +1,107 @@
+"""`SamTrainer`: a `transformers.Trainer` that computes DiceCE for box-prompted SAM and evaluates per object."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from .loss import SamDiceCELoss
+from .metrics import object_stats
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SamTrainer"]
+
+MODEL_INPUTS = ("pixel_values", "image_embeddings", "input_boxes")
+
+
+class SamTrainer(Trainer):
+    """Trainer for SAM mask decoders prompted with boxes.
+
+    `SamModel` returns no loss and ignores unknown keyword arguments, so this trainer passes the model only the inputs
+    it uses, always with `multimask_output=False`, and computes the loss itself with `SamDiceCELoss`.
+
+    Gradient accumulation: the loss of one micro-batch is the *sum* of its per-object losses divided by the number of
+    real objects in the whole accumulation window (and across processes), which the Trainer provides as
+    `num_items_in_batch` (it counts label pixels that are not -100; every object has `m * m` of them). Batch 2 with
+    accumulation 1 therefore gives the same update as batch 1 with accumulation 2, and `loss_is_scaled_for_ga` is set.
+
+    Evaluation: `prediction_step` returns, per object, the intersection, predicted area and ground-truth area at the
+    original image resolution, which `sam_hf.metrics.compute_metrics` turns into `eval_dice` and `eval_iou`.
+
+    Args:
+        loss_fn (`SamDiceCELoss`, *optional*): the loss; defaults to equal Dice and CE weights.
+        eval_chunk_size (`int`, *optional*, defaults to 64): objects upsampled to full resolution at once in evaluation.
+        card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
+        All other arguments are those of `transformers.Trainer`.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, loss_fn: SamDiceCELoss | None = None, eval_chunk_size: int = 64,
+                 card_info: dict | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_fn = loss_fn if loss_fn is not None else SamDiceCELoss()
+        self.eval_chunk_size = eval_chunk_size
+        self.card_info = card_info or {}
+        # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
+        self.model_accepts_loss_kwargs = True
+
+    def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+        kwargs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+        return model(**kwargs, multimask_output=False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        outputs = self._forward(model, inputs)
+        logits = outputs.pred_masks[:, :, 0]
+        loss, n_objects = self.loss_fn(logits, labels)
+        if num_items_in_batch is not None:
+            pixels_per_object = labels.shape[-1] * labels.shape[-2]
+            loss = loss * (n_objects * pixels_per_object) / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        if "instances" not in inputs:
+            raise ValueError("Evaluation batches need `instances` and `object_ids` (SamTransform(with_instances=True)).")
+        stats = self.object_stats(outputs.pred_masks[:, :, 0], inputs)
+        gt_area = stats[..., 2].clone()
+        return loss, stats, gt_area
+
+    def object_stats(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`(B, K, 3)` intersection / predicted / ground-truth areas at original resolution; padding rows are -100."""
+        image_processor = getattr(self.processing_class, "image_processor", self.processing_class)
+        b, k = logits.shape[:2]
+        stats = torch.full((b, k, 3), -100.0, dtype=torch.float64, device=logits.device)
+        for i in range(b):
+            h, w = (int(v) for v in inputs["original_sizes"][i])
+            ids = inputs["object_ids"][i]
+            instances = inputs["instances"][i, :h, :w]
+            for start in range(0, int((ids > 0).sum()), self.eval_chunk_size):
+                sl = slice(start, start + self.eval_chunk_size)
+                pred = image_processor.post_process_masks(
+                    [logits[i, sl][None].float()], [(h, w)], inputs["reshaped_input_sizes"][i : i + 1].tolist()
+                )[0][0]
+                target = instances[None] == ids[sl, None, None]
+                stats[i, sl] = object_stats(pred, target)
+        return stats
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Write the sam_hf model card (rendered from `model_card.md`) instead of the generic Trainer card."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import render_model_card
+
+        card = render_model_card(self, **{**self.card_info, **kwargs})
+        card.save(f"{self.args.output_dir}/README.md")

@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""Fine-tune SAM's mask decoder with box prompts derived from ground-truth masks.
+
+    python scripts/train.py configs/demo.yaml
+    accelerate launch scripts/train.py --model_name_or_path facebook/sam-vit-base --dataset_name <dataset> \
+        --output_dir runs/sam-tuned ...
+
+Every flag of `sam_hf.config` and of `transformers.TrainingArguments` is accepted.
+"""
+
+from sam_hf.run import parse_args, run_training
+
+
+def main() -> None:
+    run_training(*parse_args())
+
+
+if __name__ == "__main__":
+    main()

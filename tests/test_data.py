@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import logging
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam_hf import SamTransform, boxes_from_instances, jitter_boxes, load_source, mask_to_instances, tiny_sam_config
+from sam_hf import tiny_sam_processor
+from sam_hf.data import SamDataCollator, index_objects, load_image_folder, resize_and_pad_masks, to_rgb_array
+
+
+def test_boxes_match_hand_computed():
+    inst = np.zeros((10, 12), np.int32)
+    inst[2:5, 3:7] = 1  # rows 2..4, cols 3..6
+    inst[6, 0] = 2  # a single pixel
+    inst[7:10, 9:12] = 3
+    expected = np.array([[3, 2, 6, 4], [0, 6, 0, 6], [9, 7, 11, 9]], np.float32)
+    np.testing.assert_array_equal(boxes_from_instances(inst), expected)
+
+
+def test_mask_types():
+    binary = np.zeros((8, 8), np.uint8)
+    binary[0:2, 0:2] = 255
+    binary[5:8, 5:8] = 255
+    assert mask_to_instances(binary, "binary").max() == 2
+    assert mask_to_instances(binary, "auto").max() == 2  # one non-zero value -> connected components
+    # instance ids need not be contiguous; 300 does not fit in 8 bits
+    inst = np.zeros((8, 8), np.uint16)
+    inst[0:2, 0:2] = 5
+    inst[0:2, 3:5] = 300
+    out = mask_to_instances(inst, "instance")
+    assert sorted(np.unique(out)) == [0, 1, 2] and out[0, 0] == 1 and out[0, 3] == 2
+    # touching instances stay apart with "instance", merge with "binary"
+    touching = np.zeros((4, 4), np.uint8)
+    touching[:, :2], touching[:, 2:] = 1, 2
+    assert mask_to_instances(touching, "instance").max() == 2
+    assert mask_to_instances(touching, "binary").max() == 1
+    # semantic: class 1 has two components, class 2 one -> three objects
+    sem = np.zeros((8, 8), np.uint8)
+    sem[0:2, 0:2] = 1
+    sem[6:8, 6:8] = 1
+    sem[0:2, 5:8] = 2
+    assert mask_to_instances(sem, "semantic").max() == 3
+    with pytest.raises(ValueError, match="mask_type"):
+        mask_to_instances(sem, "panoptic")
+
+
+def test_jitter_stays_within_bounds():
+    rng = np.random.default_rng(0)
+    boxes = np.array([[50, 60, 80, 90], [0, 0, 5, 5], [190, 90, 199, 99]], np.float32)
+    shifts = []
+    for _ in range(200):
+        j = jitter_boxes(boxes, 20, (100, 200), rng)
+        delta = (j - boxes) * np.array([-1, -1, 1, 1])  # outward shift per side
+        assert (delta >= -1e-4).all(), "jitter must only move sides outward"
+        assert (delta <= 20 + 1e-4).all(), "jitter must not move a side more than box_jitter"
+        assert (j[:, [0, 1]] >= 0).all() and (j[:, 2] <= 199).all() and (j[:, 3] <= 99).all()
+        shifts.append(delta[0])
+    shifts = np.array(shifts)
+    assert shifts.max() > 15 and shifts.min() < 5  # the whole range is used for an unclipped box
+    assert np.array_equal(jitter_boxes(boxes, 0, (100, 200), rng), boxes)
+
+
+def test_labels_resized_and_padded_like_the_image():
+    """A non-square image: labels must sit where the processor puts the image, not stretched to the square."""
+    config = tiny_sam_config()  # 256 input, 64 x 64 low-res masks
+    processor = tiny_sam_processor(config)
+    h, w = 100, 200
+    image = np.zeros((h, w, 3), np.uint8)
+    inst = np.zeros((h, w), np.uint16)
+    image[20:40, 50:100] = 255
+    inst[20:40, 50:100] = 1
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(image)], "label": [Image.fromarray(inst)]})
+    ds = index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
+    ex = ds.with_transform(SamTransform(processor, train=False))[0]
+    label = ex["labels"][0].numpy()
+    assert label.shape == (64, 64)
+    # Worked out by hand: scale 64 / 200 = 0.32, so the image occupies rows 0..32 and the object rows
+    # 20 * 0.32 = 6.4 .. 40 * 0.32 = 12.8 and columns 50 * 0.32 = 16 .. 100 * 0.32 = 32.
+    assert np.allclose(label[8:12, 17:31], 1.0, atol=1e-4)
+    assert label[:6].max() == 0 and label[14:].max() == 0
+    assert label[:, :15].max() == 0 and label[:, 33:].max() == 0
+    assert abs(label.sum() - 6.4 * 16) < 3.0  # area is preserved by area-style resampling
+    # A stretched label (the common bug) would put the object at rows 12.8 .. 25.6 instead.
+    # The image goes through the same geometry: input scale 256 / 200 = 1.28, bright rows 25.6 .. 51.2.
+    bright = ex["pixel_values"].numpy().mean(0) > 0
+    rows, cols = np.nonzero(bright)
+    assert (rows.min(), rows.max()) == (26, 50) and (cols.min(), cols.max()) == (64, 127)
+    # And the processor's own (nearest-neighbour) resize of the same mask agrees on the object.
+    ref = processor.image_processor(images=image, segmentation_maps=(inst > 0).astype(np.uint8),
+                                    return_tensors="np")["labels"][0]
+    assert ref.shape == (64, 64)
+    agreement = ((label > 0.5) == (ref > 0)).mean()
+    assert agreement > 0.99
+    # Boxes are scaled by the same factor: x 50 -> 64, y 20 -> 25.6
+    np.testing.assert_allclose(ex["input_boxes"][0].numpy(), [50 * 1.28, 20 * 1.28, 99 * 1.28, 39 * 1.28], atol=0.01)
+
+
+def test_resize_and_pad_masks_square_and_tall():
+    masks = torch.zeros(1, 80, 40, dtype=torch.bool)
+    masks[0, :, :] = True
+    out = resize_and_pad_masks(masks, 64, 64)
+    # tall image: 64 rows, 32 columns, padding on the right
+    assert out[0, :, :32].min() > 0.999 and out[0, :, 32:].max() == 0
+
+
+def test_image_conversions():
+    gray16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000)
+    rgb = to_rgb_array(Image.fromarray(gray16))
+    assert rgb.shape == (3, 4, 3) and rgb.dtype == np.uint8 and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    rgba = np.zeros((3, 4, 4), np.uint8)
+    rgba[..., 1] = 7
+    assert to_rgb_array(Image.fromarray(rgba)).shape == (3, 4, 3)
+    assert to_rgb_array(Image.fromarray(rgba))[0, 0, 1] == 7
+    assert to_rgb_array(np.full((5, 6), 9, np.uint8)).shape == (5, 6, 3)
+
+
+def test_nuclei_folder_objects_match_manifest(nuclei_dir):
+    import csv
+
+    rows = list(csv.DictReader(open(nuclei_dir / "manifest.csv")))
+    ds = index_objects(load_source(str(nuclei_dir))["train"])
+    assert len(ds) == len(rows) == 32
+    assert sum(ds["num_objects"]) == sum(int(r["n_instances"]) for r in rows) == 1417
+
+
+def test_train_transform_samples_and_collates(nuclei_dir, tiny_model_dir):
+    from transformers import SamProcessor
+
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    ds = index_objects(load_source(str(nuclei_dir))["train"].select(range(3)))
+    train = ds.with_transform(SamTransform(processor, train=True, box_jitter=5, max_objects_per_image=4, seed=1))
+    batch = SamDataCollator()([train[0], train[1], train[2]])
+    assert batch["pixel_values"].shape == (3, 3, 256, 256)
+    assert batch["input_boxes"].shape == (3, 4, 4) and batch["labels"].shape == (3, 4, 64, 64)
+    counts = [min(4, n) for n in ds["num_objects"]]
+    for i, n in enumerate(counts):
+        assert ((batch["labels"][i, :n] >= 0) & (batch["labels"][i, :n] <= 1)).all()
+        assert (batch["labels"][i, n:] == -100).all() and (batch["input_boxes"][i, n:] == 0).all()
+    first, second = train[0]["input_boxes"], train[0]["input_boxes"]
+    assert not torch.equal(first, second), "prompt-side randomness must be fresh on every access"
+
+
+def _write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    root = tmp_path / "d"
+    _write(root / "images" / "a.png", np.zeros((10, 10, 3), np.uint8))
+    _write(root / "masks" / "a.png", np.zeros((12, 10), np.uint8))
+    with pytest.raises(ValueError, match=r"a\.png.*10x10.*12"):
+        load_image_folder(root)
+    _write(root / "masks" / "a.png", np.zeros((10, 10), np.uint8))
+    _write(root / "masks" / "b.png", np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match=r"b\.png has no image"):
+        load_image_folder(root)
+    (root / "masks" / "b.png").unlink()
+    (root / "images" / "a.png").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=r"Cannot read image file .*a\.png"):
+        load_image_folder(root)
+
+
+def test_empty_after_filtering_and_skips_are_logged(tmp_path, caplog):
+    root = tmp_path / "d"
+    for stem, value in (("a", 0), ("b", 0), ("c", 255)):
+        _write(root / "images" / f"{stem}.png", np.zeros((8, 8, 3), np.uint8))
+        m = np.zeros((8, 8), np.uint8)
+        m[2:4, 2:4] = value
+        _write(root / "masks" / f"{stem}.png", m)
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
+        kept = index_objects(load_image_folder(root))
+    assert len(kept) == 1
+    assert "skipped 2 of 3" in caplog.text
+    (root / "masks" / "c.png").unlink()
+    _write(root / "masks" / "c.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="empty after dropping"):
+        index_objects(load_image_folder(root))
+
+
+def test_missing_column_and_mismatched_row(tmp_path):
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    ds = datasets.Dataset.from_dict({"image": [img], "mask": [Image.fromarray(np.ones((8, 9), np.uint8))]})
+    ds = ds.cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="--mask_column 'label' is not a column.*image, mask"):
+        load_source(str(tmp_path / "saved"))
+    loaded = load_source(str(tmp_path / "saved"), mask_column="mask")["train"]
+    with pytest.raises(ValueError, match="row 0 of split 'train'.*8x8.*8x9"):
+        index_objects(loaded)

@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import SamModel, SamProcessor, TrainingArguments
+
+from sam_hf import SamDataCollator, SamDiceCELoss, SamTrainer, SamTransform, freeze_modules
+from sam_hf.data import index_objects
+from sam_hf.modeling import freeze_unused_decoder_outputs
+from sam_hf.run import parse_args, run_training
+
+
+def _two_image_dataset() -> datasets.Dataset:
+    """Image A has one object and image B three, so per-image and per-object averages differ."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for rects in ([(5, 5, 30, 25)], [(2, 2, 12, 12), (30, 40, 60, 60), (40, 5, 55, 20)]):
+        img = rng.integers(0, 60, (64, 64, 3)).astype(np.uint8)
+        inst = np.zeros((64, 64), np.uint16)
+        for i, (y0, x0, y1, x1) in enumerate(rects, start=1):
+            inst[y0:y1, x0:x1] = i
+            img[y0:y1, x0:x1] += 120
+        images.append(Image.fromarray(img))
+        labels.append(Image.fromarray(inst))
+    ds = datasets.Dataset.from_dict({"image": images, "label": labels})
+    return index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
+
+
+def _one_step(model_dir, tmp_path, batch_size, accumulation):
+    model = SamModel.from_pretrained(model_dir)
+    processor = SamProcessor.from_pretrained(model_dir)
+    freeze_modules(model)
+    freeze_unused_decoder_outputs(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none", save_strategy="no",
+        remove_unused_columns=False, label_names=["labels"], seed=0,
+    )
+    train = _two_image_dataset().with_transform(SamTransform(processor, train=True))
+    trainer = SamTrainer(model=model, args=args, train_dataset=train, data_collator=SamDataCollator(),
+                         processing_class=processor.image_processor)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    trainer.train()
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimised == trainable, "the optimizer must see exactly the trainable parameters"
+    return {n: p.detach().clone() for n, p in model.mask_decoder.named_parameters()}
+
+
+def _reference_step(model_dir, per_image: bool):
+    """One SGD step computed by hand: mean over all objects (correct) or mean of per-image means (the GA bug)."""
+    model = SamModel.from_pretrained(model_dir)
+    processor = SamProcessor.from_pretrained(model_dir)
+    freeze_modules(model)
+    freeze_unused_decoder_outputs(model)
+    ds = _two_image_dataset().with_transform(SamTransform(processor, train=False))
+    loss_fn = SamDiceCELoss()
+    losses, counts = [], []
+    for i in range(2):
+        ex = ds[i]
+        out = model(pixel_values=ex["pixel_values"][None], input_boxes=ex["input_boxes"][None], multimask_output=False)
+        loss, n = loss_fn(out.pred_masks[:, :, 0], ex["labels"][None])
+        losses.append(loss)
+        counts.append(n)
+    total = (losses[0] + losses[1]) / 2 if per_image else sum(l * n for l, n in zip(losses, counts)) / sum(counts)
+    total.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p -= 0.5 * p.grad
+    return {n: p.detach().clone() for n, p in model.mask_decoder.named_parameters()}
+
+
+def test_gradient_accumulation_equivalence(tiny_model_dir, tmp_path):
+    base = {n: p.clone() for n, p in SamModel.from_pretrained(tiny_model_dir).mask_decoder.named_parameters()}
+    big_batch = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1)
+    accumulated = _one_step(tiny_model_dir, tmp_path, batch_size=1, accumulation=2)
+    reference = _reference_step(tiny_model_dir, per_image=False)
+    wrong = _reference_step(tiny_model_dir, per_image=True)
+    changed = [n for n in base if not torch.equal(base[n], big_batch[n])]
+    assert changed, "the step must change the decoder"
+    gap = max((reference[n] - wrong[n]).abs().max().item() for n in changed)
+    assert gap > 1e-4, "the test data must tell the right normalisation from the per-image one"
+    for n in base:
+        torch.testing.assert_close(big_batch[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(accumulated[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, nuclei_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    argv = [
+        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out),
+        "--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--box_jitter", "5",
+        "--max_objects_per_image", "8", "--eval_strategy", "steps", "--eval_steps", "3", "--save_strategy", "steps",
+        "--save_steps", "3", "--load_best_model_at_end", "--metric_for_best_model", "dice", "--report_to", "none",
+        "--max_eval_samples", "3", "--logging_steps", "1", "--seed", "1",
+    ]
+    metrics = run_training(*parse_args(argv))
+    return out, metrics
+
+
+def test_output_dir_layout_and_metrics(trained_run):
+    out, metrics = trained_run
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json",
+                 "train_results.json", "eval_results.json", "trainer_state.json"):
+        assert (out / name).is_file(), name
+    for key in ("eval_dice", "eval_iou", "base_eval_dice", "base_eval_iou", "eval_loss", "train_loss"):
+        assert key in metrics and np.isfinite(metrics[key]), key
+    assert 0 <= metrics["eval_dice"] <= 1 and 0 <= metrics["eval_iou"] <= metrics["eval_dice"] + 1e-9
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [h["eval_dice"] for h in state["log_history"] if "eval_dice" in h]
+    assert len(evals) >= 2 and state["best_metric"] == pytest.approx(max(evals))
+
+
+def test_frozen_modules_bit_identical_and_decoder_changed(trained_run, tiny_model_dir):
+    out, _ = trained_run
+    base, tuned = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    for name in base:
+        if name.startswith(("vision_encoder.", "prompt_encoder.", "shared_image_embedding.")):
+            assert torch.equal(base[name], tuned[name]), f"frozen tensor {name} changed"
+    trained = [n for n in base if n.startswith("mask_decoder.transformer.") or "output_upscaling" in n]
+    assert any(not torch.equal(base[n], tuned[n]) for n in trained), "the mask decoder did not change"
+    for name in base:
+        if "iou_prediction_head" in name:
+            assert torch.equal(base[name], tuned[name])
+
+
+def test_from_pretrained_round_trip_and_pipeline(trained_run, tmp_path):
+    from transformers import pipeline
+
+    out, _ = trained_run
+    model = SamModel.from_pretrained(out).eval()
+    model.save_pretrained(tmp_path / "again")
+    again = SamModel.from_pretrained(tmp_path / "again").eval()
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 256, 256)
+    boxes = torch.tensor([[[10.0, 20.0, 90.0, 120.0], [100.0, 100.0, 200.0, 180.0]]])
+    with torch.no_grad():
+        a = model(pixel_values=pixels, input_boxes=boxes, multimask_output=False)
+        b = again(pixel_values=pixels, input_boxes=boxes, multimask_output=False)
+    assert torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.iou_scores, b.iou_scores)
+
+    generator = pipeline("mask-generation", model=str(out), points_per_batch=32)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3)).astype(np.uint8))
+    result = generator(image, points_per_crop=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    assert "masks" in result and "scores" in result
+    assert all(m.shape == (96, 128) for m in result["masks"])
+
+
+def test_model_card_parses(trained_run):
+    from huggingface_hub import ModelCard
+
+    out, metrics = trained_run
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "mask-generation" and card.data.library_name == "transformers"
+    assert "vision_encoder, prompt_encoder" in card.text
+    assert f"{metrics['eval_dice']:.4f}" in card.text and f"{metrics['base_eval_dice']:.4f}" in card.text
+    assert "DiceCELoss" in card.text and "jittered outward by up to 5 px" in card.text
