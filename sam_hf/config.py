@@ -14,12 +14,16 @@ class ModelArguments:
     """Which SAM checkpoint to start from."""
 
     model_name_or_path: str = field(
-        metadata={"help": "A Hub id such as facebook/sam-vit-base, or a local directory with a saved SamModel and "
-                          "SamProcessor."}
+        metadata={
+            "help": "A Hub id such as facebook/sam-vit-base, or a local directory with a saved SamModel and "
+            "SamProcessor."
+        }
     )
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit id)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
-    token: str | None = field(default=None, metadata={"help": "Hub token; defaults to the one `hf auth login` stored."})
+    token: str | None = field(
+        default=None, metadata={"help": "Hub token; defaults to the one `hf auth login` stored."}
+    )
 
 
 @dataclass
@@ -27,17 +31,22 @@ class DataArguments:
     """Where the images and masks come from and how they are split."""
 
     dataset_name: str = field(
-        metadata={"help": "A Hub dataset id, a directory written by save_to_disk, or a folder with images/ and masks/ "
-                          "(and optional instances/) sharing file stems."}
+        metadata={
+            "help": "A Hub dataset id, a directory written by save_to_disk, or a folder with images/ and masks/ "
+            "(and optional instances/) sharing file stems."
+        }
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     image_column: str = field(default="image", metadata={"help": "Image column of a Hub or saved dataset."})
     mask_column: str = field(default="label", metadata={"help": "Mask column of a Hub or saved dataset."})
     mask_type: str = field(
         default="auto",
-        metadata={"help": "How masks become objects: 'instance' (one object per id), 'binary' (connected components), "
-                          "'semantic' (per class and component), or 'auto' (binary if one non-zero value, else "
-                          "instance).", "choices": list(MASK_TYPES)},
+        metadata={
+            "help": "How masks become objects: 'instance' (one object per id), 'binary' (connected components), "
+            "'semantic' (per class and component), or 'auto' (binary if one non-zero value, else "
+            "instance).",
+            "choices": list(MASK_TYPES),
+        },
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str = field(default="validation", metadata={"help": "Split to evaluate on, if the dataset has it."})
@@ -52,7 +61,9 @@ class DataArguments:
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"--mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}.")
         if not 0 <= self.validation_split_percentage < 100:
-            raise ValueError(f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}.")
+            raise ValueError(
+                f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}."
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -65,8 +76,10 @@ class SamArguments:
 
     box_jitter: float = field(
         default=20.0,
-        metadata={"help": "Maximum outward shift of each box side, in original-image pixels, for training boxes. "
-                          "Evaluation boxes are exact."},
+        metadata={
+            "help": "Maximum outward shift of each box side, in original-image pixels, for training boxes. "
+            "Evaluation boxes are exact."
+        },
     )
     max_objects_per_image: int | None = field(
         default=16, metadata={"help": "Cap on box prompts per image per training step, sampled at random."}
@@ -76,7 +89,8 @@ class SamArguments:
     lambda_dice: float = field(default=1.0, metadata={"help": "Weight of the Dice term of DiceCE."})
     lambda_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term of DiceCE."})
     early_stopping_patience: int | None = field(
-        default=None, metadata={"help": "Stop after this many evaluations without improvement (EarlyStoppingCallback)."}
+        default=None,
+        metadata={"help": "Stop after this many evaluations without improvement (EarlyStoppingCallback)."},
     )
     eval_before_training: bool = field(
         default=True, metadata={"help": "Evaluate the base model first, so the card can report before and after."}
@@ -88,5 +102,7 @@ class SamArguments:
         if self.max_objects_per_image is not None and self.max_objects_per_image < 1:
             raise ValueError(f"--max_objects_per_image must be >= 1, got {self.max_objects_per_image}.")
         if self.lambda_dice < 0 or self.lambda_ce < 0 or self.lambda_dice + self.lambda_ce == 0:
-            raise ValueError(f"--lambda_dice and --lambda_ce must be >= 0 and not both 0, got {self.lambda_dice} and "
-                             f"{self.lambda_ce}.")
+            raise ValueError(
+                f"--lambda_dice and --lambda_ce must be >= 0 and not both 0, got {self.lambda_dice} and "
+                f"{self.lambda_ce}."
+            )

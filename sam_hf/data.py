@@ -69,9 +69,10 @@ def _check_readable(path: Path) -> tuple[int, int]:
 def load_image_folder(folder: str | os.PathLike) -> datasets.Dataset:
     """Read a folder with `images/`, `masks/` and an optional `instances/` into a `Dataset`.
 
-    The three sub-folders share file stems. When `instances/` exists its integer instance maps (0 = background) are used
-    as masks, otherwise the binary masks of `masks/`. Every pair is checked up front: stems without a partner, files
-    that cannot be read, and images whose size differs from their mask raise a `ValueError` naming the file.
+    The three sub-folders share file stems. When `instances/` exists, its integer instance maps (0 = background)
+    are used as masks, otherwise the binary masks of `masks/`. Every pair is checked up front: stems without a
+    partner, files that cannot be read, and images whose size differs from their mask raise a `ValueError` naming
+    the file.
 
     Returns:
         `datasets.Dataset` with columns `image`, `label` (both `datasets.Image`) and `file_name` (the stem).
@@ -86,19 +87,25 @@ def load_image_folder(folder: str | os.PathLike) -> datasets.Dataset:
     images, masks = _list_images(image_dir), _list_images(mask_dir)
     orphans = sorted(set(masks) - set(images))
     if orphans:
-        raise ValueError(f"Mask file {masks[orphans[0]]} has no image in {image_dir} (same stem expected); "
-                         f"{len(orphans)} mask file(s) without an image in total.")
+        raise ValueError(
+            f"Mask file {masks[orphans[0]]} has no image in {image_dir} (same stem expected); "
+            f"{len(orphans)} mask file(s) without an image in total."
+        )
     missing = sorted(set(images) - set(masks))
     if missing:
-        raise ValueError(f"Image file {images[missing[0]]} has no mask in {mask_dir} (same stem expected); "
-                         f"{len(missing)} image file(s) without a mask in total.")
+        raise ValueError(
+            f"Image file {images[missing[0]]} has no mask in {mask_dir} (same stem expected); "
+            f"{len(missing)} image file(s) without a mask in total."
+        )
     if not images:
         raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found in {image_dir}.")
     for stem in images:
         image_size, mask_size = _check_readable(images[stem]), _check_readable(masks[stem])
         if image_size != mask_size:
-            raise ValueError(f"Image {images[stem]} is {image_size[0]}x{image_size[1]} (WxH) but its mask "
-                             f"{masks[stem]} is {mask_size[0]}x{mask_size[1]}; they must have the same size.")
+            raise ValueError(
+                f"Image {images[stem]} is {image_size[0]}x{image_size[1]} (WxH) but its mask "
+                f"{masks[stem]} is {mask_size[0]}x{mask_size[1]}; they must have the same size."
+            )
     stems = sorted(images)
     ds = datasets.Dataset.from_dict(
         {"image": [str(images[s]) for s in stems], "label": [str(masks[s]) for s in stems], "file_name": stems}
@@ -127,15 +134,19 @@ def load_source(
         loaded = datasets.load_from_disk(str(path))
         dsd = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
     elif path.exists():
-        raise ValueError(f"--dataset_name {dataset_name} is a path but neither a folder with images/ and masks/ nor a "
-                         "directory written by save_to_disk.")
+        raise ValueError(
+            f"--dataset_name {dataset_name} is a path but neither a folder with images/ and masks/ nor a "
+            "directory written by save_to_disk."
+        )
     else:
         dsd = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
     for split, ds in dsd.items():
         for arg, column in (("--image_column", image_column), ("--mask_column", mask_column)):
             if column not in ds.column_names:
-                raise ValueError(f"{arg} {column!r} is not a column of split {split!r} of {dataset_name}; "
-                                 f"available columns: {', '.join(ds.column_names)}.")
+                raise ValueError(
+                    f"{arg} {column!r} is not a column of split {split!r} of {dataset_name}; "
+                    f"available columns: {', '.join(ds.column_names)}."
+                )
         if image_column != "image" or mask_column != "label":
             ds = ds.rename_columns({k: v for k, v in ((image_column, "image"), (mask_column, "label")) if k != v})
         dsd[split] = ds
@@ -159,8 +170,10 @@ def split_source(
         return train, None
     n_eval = max(1, round(len(train) * validation_split_percentage / 100))
     if n_eval >= len(train):
-        raise ValueError(f"--validation_split_percentage {validation_split_percentage} leaves no training images "
-                         f"out of {len(train)}.")
+        raise ValueError(
+            f"--validation_split_percentage {validation_split_percentage} leaves no training images "
+            f"out of {len(train)}."
+        )
     parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     logger.info("No %r split: held out %d of %d images (seed %d) for evaluation", eval_split, n_eval, len(train), seed)
     return parts["train"], parts["test"]
@@ -283,8 +296,10 @@ def index_objects(
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from err
             if (image.height, image.width) != mask_arr.shape:
-                raise ValueError(f"{where}: image is {image.height}x{image.width} (HxW) but mask is "
-                                 f"{mask_arr.shape[0]}x{mask_arr.shape[1]}; they must have the same size.")
+                raise ValueError(
+                    f"{where}: image is {image.height}x{image.width} (HxW) but mask is "
+                    f"{mask_arr.shape[0]}x{mask_arr.shape[1]}; they must have the same size."
+                )
             b = boxes_from_instances(mask_to_instances(mask_arr, mask_type))
             boxes.append(b.tolist())
             counts.append(len(b))
@@ -293,15 +308,24 @@ def index_objects(
     features = ds.features.copy()
     features["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
     features["num_objects"] = datasets.Value("int32")
-    ds = ds.map(_index, batched=True, batch_size=16, with_indices=True, features=features, num_proc=num_proc,
-                desc=f"Indexing objects ({split_name})")
+    ds = ds.map(
+        _index,
+        batched=True,
+        batch_size=16,
+        with_indices=True,
+        features=features,
+        num_proc=num_proc,
+        desc=f"Indexing objects ({split_name})",
+    )
     kept = ds.filter(lambda n: n > 0, input_columns="num_objects", desc=f"Dropping empty masks ({split_name})")
     skipped = len(ds) - len(kept)
     if skipped:
         logger.warning("Split %r: skipped %d of %d images whose mask has no object", split_name, skipped, len(ds))
     if len(kept) == 0:
-        raise ValueError(f"Split {split_name!r} is empty after dropping images without objects ({len(ds)} images "
-                         "had no non-zero mask pixel). Check --mask_column and --mask_type.")
+        raise ValueError(
+            f"Split {split_name!r} is empty after dropping images without objects ({len(ds)} images "
+            "had no non-zero mask pixel). Check --mask_column and --mask_type."
+        )
     logger.info("Split %r: %d images, %d objects", split_name, len(kept), sum(kept["num_objects"]))
     return kept
 
@@ -329,8 +353,9 @@ def resize_and_pad_masks(masks: torch.Tensor, longest_edge: int, pad_size: int) 
     """
     n, height, width = masks.shape
     new_h, new_w = resized_shape(height, width, longest_edge)
-    resized = F.interpolate(masks[:, None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
-                            align_corners=False)[:, 0].clamp_(0, 1)
+    resized = F.interpolate(
+        masks[:, None].float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+    )[:, 0].clamp_(0, 1)
     return F.pad(resized, (0, pad_size - new_w, 0, pad_size - new_h))
 
 
@@ -391,8 +416,9 @@ class SamTransform:
         return np.arange(k)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("pixel_values", "input_boxes", "labels", "original_sizes",
-                                                 "reshaped_input_sizes")}
+        out: dict[str, list] = {
+            k: [] for k in ("pixel_values", "input_boxes", "labels", "original_sizes", "reshaped_input_sizes")
+        }
         if self.with_instances:
             out["instances"], out["object_ids"] = [], []
         for image, mask, boxes in zip(batch["image"], batch["label"], batch["boxes"]):

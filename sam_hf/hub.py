@@ -15,8 +15,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["model_card_template", "render_model_card"]
 
 HYPERPARAMETERS = (
-    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-    "warmup_steps", "lr_scheduler_type", "weight_decay", "optim", "seed",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "weight_decay",
+    "optim",
+    "seed",
 )
 
 
@@ -44,9 +52,16 @@ def render_model_card(trainer: Any, **info: Any) -> ModelCard:
     dataset = info.get("dataset_name")
     model_id = args.hub_model_id or Path(args.output_dir).name
     eval_results = [
-        EvalResult(task_type="mask-generation", dataset_type=str(dataset), dataset_name=str(dataset),
-                   metric_type=name, metric_name=f"Per-object {name.capitalize()} (box prompts)", metric_value=value)
-        for name in ("dice", "iou") if (value := after.get(name)) is not None and dataset
+        EvalResult(
+            task_type="mask-generation",
+            dataset_type=str(dataset),
+            dataset_name=str(dataset),
+            metric_type=name,
+            metric_name=f"Per-object {name.capitalize()} (box prompts)",
+            metric_value=value,
+        )
+        for name in ("dice", "iou")
+        if (value := after.get(name)) is not None and dataset
     ]
     tags = ["sam", "segment-anything", "mask-generation", "sam_hf", *(info.get("tags") or [])]
     card_data = ModelCardData(

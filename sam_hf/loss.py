@@ -35,8 +35,10 @@ class SamDiceCELoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         if logits.shape != labels.shape or logits.dim() != 4:
-            raise ValueError(f"Expected logits and labels of the same shape (B, K, m, m), got {tuple(logits.shape)} "
-                             f"and {tuple(labels.shape)}.")
+            raise ValueError(
+                f"Expected logits and labels of the same shape (B, K, m, m), got {tuple(logits.shape)} "
+                f"and {tuple(labels.shape)}."
+            )
         valid = labels[:, :, 0, 0] != -100
         n = int(valid.sum())
         if n == 0:

@@ -10,8 +10,14 @@ from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParameterCount", "count_parameters", "freeze_modules", "load_model_and_processor", "tiny_sam_config",
-           "tiny_sam_processor"]
+__all__ = [
+    "ParameterCount",
+    "count_parameters",
+    "freeze_modules",
+    "load_model_and_processor",
+    "tiny_sam_config",
+    "tiny_sam_processor",
+]
 
 
 def tiny_sam_config(
@@ -34,9 +40,11 @@ def tiny_sam_config(
 
     Args:
         image_size (`int`, *optional*, defaults to 256): side of the square, padded model input.
-        patch_size (`int`, *optional*, defaults to 16): ViT patch size; the embedding grid is `image_size // patch_size`.
+        patch_size (`int`, *optional*, defaults to 16): ViT patch size; the grid is
+            `image_size // patch_size`.
         vision_hidden_size (`int`, *optional*, defaults to 96): width of the ViT encoder.
-        vision_layers (`int`, *optional*, defaults to 4): depth of the ViT encoder; the last layer uses global attention.
+        vision_layers (`int`, *optional*, defaults to 4): depth of the ViT encoder; the last layer
+            uses global attention.
         hidden_size (`int`, *optional*, defaults to 64): width of the image embedding, prompt encoder and mask decoder.
         window_size (`int`, *optional*, defaults to 4): windowed-attention size of the non-global ViT layers.
 
@@ -64,6 +72,9 @@ def tiny_sam_config(
         "global_attn_indexes": [vision_layers // 2 - 1, vision_layers - 1] if vision_layers > 1 else [0],
         "num_pos_feats": hidden_size // 2,
         "mlp_dim": 2 * vision_hidden_size,
+        # SamVisionConfig defaults to initializer_range=1e-10, which suits loading pretrained weights but leaves a
+        # freshly initialised encoder dead (its output does not depend on the image). Train-from-scratch needs 0.02.
+        "initializer_range": 0.02,
     }
     prompt = {"hidden_size": hidden_size, "image_size": image_size, "patch_size": patch_size}
     decoder = {
@@ -94,7 +105,9 @@ class ParameterCount:
     total: int
 
     def __str__(self) -> str:
-        return f"trainable {self.trainable:,} / total {self.total:,} ({100 * self.trainable / max(self.total, 1):.2f}%)"
+        return (
+            f"trainable {self.trainable:,} / total {self.total:,} ({100 * self.trainable / max(self.total, 1):.2f}%)"
+        )
 
 
 def count_parameters(model: torch.nn.Module) -> ParameterCount:
@@ -119,8 +132,10 @@ def freeze_modules(model: SamModel, freeze_vision_encoder: bool = True, freeze_p
         model.shared_image_embedding.requires_grad_(False)
     logger.info(
         "Frozen modules: %s. Parameters: %s",
-        ", ".join(n for n, f in [("vision_encoder", freeze_vision_encoder), ("prompt_encoder", freeze_prompt_encoder)]
-                  if f) or "none",
+        ", ".join(
+            n for n, f in [("vision_encoder", freeze_vision_encoder), ("prompt_encoder", freeze_prompt_encoder)] if f
+        )
+        or "none",
         count_parameters(model),
     )
 

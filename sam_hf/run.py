@@ -53,7 +53,9 @@ def box_baseline_dice(dataset: datasets.Dataset, mask_type: str = "auto") -> flo
 
 def _setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler()]
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler()],
     )
     level = training_args.get_process_log_level()
     logging.getLogger("sam_hf").setLevel(level)
@@ -75,6 +77,10 @@ def run_training(
     # SamModel's forward would silently drop our columns, and the default label names do not fit it.
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
+    if training_args.ddp_find_unused_parameters is None:
+        # Parameters single-mask training never reaches are frozen (freeze_unused_decoder_outputs), so DDP need not
+        # search the graph for them at every step.
+        training_args.ddp_find_unused_parameters = False
     if training_args.metric_for_best_model in ("dice", "iou", "eval_dice", "eval_iou"):
         training_args.greater_is_better = True
     set_seed(training_args.seed)
@@ -88,10 +94,21 @@ def run_training(
     logger.info("Parameters after freezing: %s", params)
 
     with training_args.main_process_first(desc="dataset preprocessing"):
-        source = load_source(data_args.dataset_name, data_args.dataset_config_name, data_args.image_column,
-                             data_args.mask_column, model_args.cache_dir, model_args.token)
-        train_ds, eval_ds = split_source(source, data_args.train_split, data_args.eval_split,
-                                         data_args.validation_split_percentage, training_args.seed)
+        source = load_source(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            data_args.image_column,
+            data_args.mask_column,
+            model_args.cache_dir,
+            model_args.token,
+        )
+        train_ds, eval_ds = split_source(
+            source,
+            data_args.train_split,
+            data_args.eval_split,
+            data_args.validation_split_percentage,
+            training_args.seed,
+        )
         if data_args.max_train_samples is not None:
             train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
         if eval_ds is not None and data_args.max_eval_samples is not None:
@@ -101,26 +118,39 @@ def run_training(
             eval_ds = index_objects(eval_ds, data_args.mask_type, "eval", data_args.preprocessing_num_workers)
 
     box_baseline = box_baseline_dice(eval_ds, data_args.mask_type) if eval_ds is not None else None
-    train_ds = train_ds.with_transform(SamTransform(
-        processor, train=True, box_jitter=sam_args.box_jitter, max_objects_per_image=sam_args.max_objects_per_image,
-        mask_type=data_args.mask_type, seed=training_args.seed,
-    ))
+    train_ds = train_ds.with_transform(
+        SamTransform(
+            processor,
+            train=True,
+            box_jitter=sam_args.box_jitter,
+            max_objects_per_image=sam_args.max_objects_per_image,
+            mask_type=data_args.mask_type,
+            seed=training_args.seed,
+        )
+    )
     if eval_ds is not None:
-        eval_ds = eval_ds.with_transform(SamTransform(processor, train=False, mask_type=data_args.mask_type,
-                                                      with_instances=True))
+        eval_ds = eval_ds.with_transform(
+            SamTransform(processor, train=False, mask_type=data_args.mask_type, with_instances=True)
+        )
 
-    frozen = [n for n, f in (("vision_encoder", sam_args.freeze_vision_encoder),
-                             ("prompt_encoder", sam_args.freeze_prompt_encoder)) if f]
+    frozen = [
+        n
+        for n, f in (
+            ("vision_encoder", sam_args.freeze_vision_encoder),
+            ("prompt_encoder", sam_args.freeze_prompt_encoder),
+        )
+        if f
+    ]
     card_info = {
         "base_model": model_args.model_name_or_path if not Path(model_args.model_name_or_path).exists() else None,
         "dataset_name": data_args.dataset_name,
         "frozen_modules": frozen,
         "trainable_parameters": str(params),
         "loss": f"MONAI DiceCELoss(sigmoid=True), lambda_dice={sam_args.lambda_dice}, lambda_ce={sam_args.lambda_ce}, "
-                "on the low-resolution mask logits with multimask_output=False.",
+        "on the low-resolution mask logits with multimask_output=False.",
         "prompt_recipe": f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training "
-                         f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
-                         f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact.",
+        f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
+        f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact.",
         "box_baseline_dice": box_baseline,
     }
     if card_info["base_model"] is None:

@@ -11,7 +11,10 @@ __all__ = ["synthetic_blobs", "synthetic_dataset"]
 
 
 def synthetic_blobs(
-    rng: np.random.Generator, height: int = 256, width: int = 256, num_objects: tuple[int, int] = (3, 20),
+    rng: np.random.Generator,
+    height: int = 256,
+    width: int = 256,
+    num_objects: tuple[int, int] = (3, 20),
     radius: tuple[float, float] = (4.0, 32.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One RGB uint8 image `(H, W, 3)` of irregular blobs on a smooth noisy background, and its instance map.

@@ -34,15 +34,22 @@ class SamTrainer(Trainer):
 
     Args:
         loss_fn (`SamDiceCELoss`, *optional*): the loss; defaults to equal Dice and CE weights.
-        eval_chunk_size (`int`, *optional*, defaults to 64): objects upsampled to full resolution at once in evaluation.
+        eval_chunk_size (`int`, *optional*, defaults to 64): objects upsampled to full resolution at
+            once in evaluation.
         card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
         All other arguments are those of `transformers.Trainer`.
     """
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, loss_fn: SamDiceCELoss | None = None, eval_chunk_size: int = 64,
-                 card_info: dict | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        loss_fn: SamDiceCELoss | None = None,
+        eval_chunk_size: int = 64,
+        card_info: dict | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn if loss_fn is not None else SamDiceCELoss()
         self.eval_chunk_size = eval_chunk_size
@@ -74,7 +81,9 @@ class SamTrainer(Trainer):
         if prediction_loss_only:
             return loss, None, None
         if "instances" not in inputs:
-            raise ValueError("Evaluation batches need `instances` and `object_ids` (SamTransform(with_instances=True)).")
+            raise ValueError(
+                "Evaluation batches need `instances` and `object_ids` (SamTransform(with_instances=True))."
+            )
         stats = self.object_stats(outputs.pred_masks[:, :, 0], inputs)
         gt_area = stats[..., 2].clone()
         return loss, stats, gt_area

@@ -39,21 +39,39 @@ def main() -> None:
         config = tiny_sam_config()
         SamModel(config).save_pretrained(work / "init")
         tiny_sam_processor(config).save_pretrained(work / "init")
-        data = datasets.DatasetDict({
-            "train": synthetic_dataset(args.num_train_images, seed=args.seed),
-            "validation": synthetic_dataset(args.num_eval_images, seed=args.seed + 1),
-        })
+        data = datasets.DatasetDict(
+            {
+                "train": synthetic_dataset(args.num_train_images, seed=args.seed),
+                "validation": synthetic_dataset(args.num_eval_images, seed=args.seed + 1),
+            }
+        )
         data.save_to_disk(str(work / "data"))
         run_training(
             ModelArguments(model_name_or_path=str(work / "init")),
             DataArguments(dataset_name=str(work / "data"), mask_type="instance"),
-            SamArguments(box_jitter=8, max_objects_per_image=16, freeze_vision_encoder=False,
-                         freeze_prompt_encoder=False, eval_before_training=False),
+            SamArguments(
+                box_jitter=8,
+                max_objects_per_image=16,
+                freeze_vision_encoder=False,
+                freeze_prompt_encoder=False,
+                eval_before_training=False,
+            ),
             TrainingArguments(
-                output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=8,
-                per_device_eval_batch_size=8, learning_rate=args.learning_rate, warmup_steps=200,
-                lr_scheduler_type="cosine", weight_decay=0.01, logging_steps=50, eval_strategy="steps",
-                eval_steps=500, save_strategy="no", report_to="none", seed=args.seed, dataloader_num_workers=1,
+                output_dir=args.output_dir,
+                max_steps=args.max_steps,
+                per_device_train_batch_size=8,
+                per_device_eval_batch_size=8,
+                learning_rate=args.learning_rate,
+                warmup_steps=200,
+                lr_scheduler_type="cosine",
+                weight_decay=0.01,
+                logging_steps=50,
+                eval_strategy="steps",
+                eval_steps=250,
+                save_strategy="no",
+                report_to="none",
+                seed=args.seed,
+                dataloader_num_workers=1,
             ),
         )
     finally:

@@ -8,8 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_hf import SamTransform, boxes_from_instances, jitter_boxes, load_source, mask_to_instances, tiny_sam_config
-from sam_hf import tiny_sam_processor
+from sam_hf import (
+    SamTransform,
+    boxes_from_instances,
+    jitter_boxes,
+    load_source,
+    mask_to_instances,
+    tiny_sam_config,
+    tiny_sam_processor,
+)
 from sam_hf.data import SamDataCollator, index_objects, load_image_folder, resize_and_pad_masks, to_rgb_array
 
 
@@ -91,8 +98,9 @@ def test_labels_resized_and_padded_like_the_image():
     rows, cols = np.nonzero(bright)
     assert (rows.min(), rows.max()) == (26, 50) and (cols.min(), cols.max()) == (64, 127)
     # And the processor's own (nearest-neighbour) resize of the same mask agrees on the object.
-    ref = processor.image_processor(images=image, segmentation_maps=(inst > 0).astype(np.uint8),
-                                    return_tensors="np")["labels"][0]
+    ref = processor.image_processor(images=image, segmentation_maps=(inst > 0).astype(np.uint8), return_tensors="np")[
+        "labels"
+    ][0]
     assert ref.shape == (64, 64)
     agreement = ((label > 0.5) == (ref > 0)).mean()
     assert agreement > 0.99
@@ -109,7 +117,7 @@ def test_resize_and_pad_masks_square_and_tall():
 
 
 def test_image_conversions():
-    gray16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000)
+    gray16 = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
     rgb = to_rgb_array(Image.fromarray(gray16))
     assert rgb.shape == (3, 4, 3) and rgb.dtype == np.uint8 and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
     rgba = np.zeros((3, 4, 4), np.uint8)

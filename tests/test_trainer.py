@@ -38,14 +38,29 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation):
     freeze_modules(model)
     freeze_unused_decoder_outputs(model)
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}"), per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
-        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none", save_strategy="no",
-        remove_unused_columns=False, label_names=["labels"], seed=0,
+        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        seed=0,
     )
     train = _two_image_dataset().with_transform(SamTransform(processor, train=True))
-    trainer = SamTrainer(model=model, args=args, train_dataset=train, data_collator=SamDataCollator(),
-                         processing_class=processor.image_processor)
+    trainer = SamTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=SamDataCollator(),
+        processing_class=processor.image_processor,
+    )
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     trainer.train()
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -68,7 +83,10 @@ def _reference_step(model_dir, per_image: bool):
         loss, n = loss_fn(out.pred_masks[:, :, 0], ex["labels"][None])
         losses.append(loss)
         counts.append(n)
-    total = (losses[0] + losses[1]) / 2 if per_image else sum(l * n for l, n in zip(losses, counts)) / sum(counts)
+    if per_image:
+        total = (losses[0] + losses[1]) / 2
+    else:
+        total = sum(loss * n for loss, n in zip(losses, counts)) / sum(counts)
     total.backward()
     with torch.no_grad():
         for p in model.parameters():
@@ -96,11 +114,41 @@ def test_gradient_accumulation_equivalence(tiny_model_dir, tmp_path):
 def trained_run(tiny_model_dir, nuclei_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     argv = [
-        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out),
-        "--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--box_jitter", "5",
-        "--max_objects_per_image", "8", "--eval_strategy", "steps", "--eval_steps", "3", "--save_strategy", "steps",
-        "--save_steps", "3", "--load_best_model_at_end", "--metric_for_best_model", "dice", "--report_to", "none",
-        "--max_eval_samples", "3", "--logging_steps", "1", "--seed", "1",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(nuclei_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--box_jitter",
+        "5",
+        "--max_objects_per_image",
+        "8",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--load_best_model_at_end",
+        "--metric_for_best_model",
+        "dice",
+        "--report_to",
+        "none",
+        "--max_eval_samples",
+        "3",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "1",
     ]
     metrics = run_training(*parse_args(argv))
     return out, metrics
@@ -108,8 +156,16 @@ def trained_run(tiny_model_dir, nuclei_dir, tmp_path_factory):
 
 def test_output_dir_layout_and_metrics(trained_run):
     out, metrics = trained_run
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "all_results.json",
-                 "train_results.json", "eval_results.json", "trainer_state.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "all_results.json",
+        "train_results.json",
+        "eval_results.json",
+        "trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     for key in ("eval_dice", "eval_iou", "base_eval_dice", "base_eval_iou", "eval_loss", "train_loss"):
         assert key in metrics and np.isfinite(metrics[key]), key

@@ -1,0 +1,85 @@
+"""A real 2-process CPU run through `accelerate launch`, as users start multi-GPU training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path):
+    from transformers import SamModel, pipeline
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "scripts" / "train.py"),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(nuclei_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--max_objects_per_image",
+        "8",
+        "--max_eval_samples",
+        "4",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--dataloader_num_workers",
+        "0",
+        "--eval_before_training",
+        "false",
+        "--use_cpu",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "`world_size`: 2" in (out / "README.md").read_text(), "the run must have used two processes"
+
+    model = SamModel.from_pretrained(out)
+    assert model is not None
+    base, tuned = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in base:
+        if name.startswith(("vision_encoder.", "prompt_encoder.", "shared_image_embedding.")):
+            assert torch.equal(base[name], tuned[name]), f"frozen tensor {name} changed"
+    assert any(not torch.equal(base[n], tuned[n]) for n in base if n.startswith("mask_decoder.")), "decoder unchanged"
+    generator = pipeline("mask-generation", model=str(out), points_per_batch=16)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3)).astype(np.uint8))
+    result = generator(image, points_per_crop=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    assert all(m.shape == (64, 80) for m in result["masks"])
