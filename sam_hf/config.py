@@ -92,11 +92,30 @@ class SamArguments:
         default=None,
         metadata={"help": "Stop after this many evaluations without improvement (EarlyStoppingCallback)."},
     )
+    cache_embeddings: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Compute each image's embedding once and train the decoder from a memory-mapped cache. "
+            "Defaults to on when the vision encoder is frozen; needs a frozen vision encoder."
+        },
+    )
+    embedding_dtype: str = field(
+        default="float16", metadata={"help": "Storage dtype of cached embeddings: float16 or float32."}
+    )
+    embedding_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where embedding caches live; defaults to <datasets cache>/sam_hf/embeddings."}
+    )
     eval_before_training: bool = field(
         default=True, metadata={"help": "Evaluate the base model first, so the card can report before and after."}
     )
 
     def __post_init__(self) -> None:
+        if self.cache_embeddings is None:
+            self.cache_embeddings = self.freeze_vision_encoder
+        if self.cache_embeddings and not self.freeze_vision_encoder:
+            raise ValueError("--cache_embeddings needs --freeze_vision_encoder: a trained encoder changes embeddings.")
+        if self.embedding_dtype not in ("float16", "float32"):
+            raise ValueError(f"--embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}.")
         if self.box_jitter < 0:
             raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
         if self.max_objects_per_image is not None and self.max_objects_per_image < 1:

@@ -43,6 +43,7 @@ __all__ = [
     "load_source",
     "mask_to_instances",
     "resize_and_pad_masks",
+    "scale_boxes",
     "to_rgb_array",
 ]
 
@@ -372,9 +373,12 @@ class SamTransform:
         seed (`int`, *optional*): seed of the prompt-side randomness; each call draws fresh jitter and samples.
         with_instances (`bool`): also return the original-resolution instance map and the object ids, for metrics.
 
-    Output per example: `pixel_values` `(3, S, S)`, `input_boxes` `(K, 4)` in the resized frame, `labels`
-    `(K, m, m)` soft masks in the low-resolution frame, `original_sizes` `(2,)`, `reshaped_input_sizes` `(2,)`, and
-    with `with_instances` also `instances` `(H, W)` and `object_ids` `(K,)`.
+    When the dataset carries cached `image_embeddings` (see `sam_hf.cache`), they replace `pixel_values` and no image
+    is decoded.
+
+    Output per example: `pixel_values` `(3, S, S)` or `image_embeddings` `(C, g, g)`, `input_boxes` `(K, 4)` in the
+    resized frame, `labels` `(K, m, m)` soft masks in the low-resolution frame, `original_sizes` `(2,)`,
+    `reshaped_input_sizes` `(2,)`, and with `with_instances` also `instances` `(H, W)` and `object_ids` `(K,)`.
     """
 
     def __init__(
@@ -416,31 +420,46 @@ class SamTransform:
         return np.arange(k)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {
-            k: [] for k in ("pixel_values", "input_boxes", "labels", "original_sizes", "reshaped_input_sizes")
-        }
+        cached = "image_embeddings" in batch
+        image_key = "image_embeddings" if cached else "pixel_values"
+        keys = (image_key, "input_boxes", "labels", "original_sizes", "reshaped_input_sizes")
+        out: dict[str, list] = {k: [] for k in keys}
         if self.with_instances:
             out["instances"], out["object_ids"] = [], []
-        for image, mask, boxes in zip(batch["image"], batch["label"], batch["boxes"]):
-            rgb = to_rgb_array(image)
-            instances = mask_to_instances(mask, self.mask_type)
-            keep = self.select(len(boxes))
-            b = np.asarray(boxes, np.float32)[keep]
+        for row in range(len(batch["boxes"])):
+            if cached:
+                # Image side from the embedding cache: no image decoding at all.
+                out[image_key].append(torch.as_tensor(np.asarray(batch["image_embeddings"][row]), dtype=torch.float32))
+                original_size = tuple(int(v) for v in batch["original_sizes"][row])
+                reshaped_size = tuple(int(v) for v in batch["reshaped_input_sizes"][row])
+            else:
+                enc = self.processor.image_processor(images=to_rgb_array(batch["image"][row]), return_tensors="pt")
+                out[image_key].append(enc["pixel_values"][0])
+                original_size = tuple(int(v) for v in enc["original_sizes"][0])
+                reshaped_size = tuple(int(v) for v in enc["reshaped_input_sizes"][0])
+            instances = mask_to_instances(batch["label"][row], self.mask_type)
+            keep = self.select(len(batch["boxes"][row]))
+            boxes = np.asarray(batch["boxes"][row], np.float32)[keep]
             if self.box_jitter:
-                b = jitter_boxes(b, self.box_jitter, rgb.shape[:2], self.rng)
-            enc = self.processor(images=rgb, input_boxes=[b.tolist()], return_tensors="pt")
+                boxes = jitter_boxes(boxes, self.box_jitter, original_size, self.rng)
             ids = torch.from_numpy(keep + 1)
             inst = torch.from_numpy(instances)
             masks = inst[None] == ids[:, None, None]
-            out["pixel_values"].append(enc["pixel_values"][0])
-            out["input_boxes"].append(enc["input_boxes"][0].float())
+            out["input_boxes"].append(scale_boxes(boxes, original_size, reshaped_size))
             out["labels"].append(resize_and_pad_masks(masks, self.mask_longest_edge, self.mask_pad))
-            out["original_sizes"].append(torch.as_tensor(enc["original_sizes"][0]))
-            out["reshaped_input_sizes"].append(torch.as_tensor(enc["reshaped_input_sizes"][0]))
+            out["original_sizes"].append(torch.tensor(original_size))
+            out["reshaped_input_sizes"].append(torch.tensor(reshaped_size))
             if self.with_instances:
                 out["instances"].append(inst)
                 out["object_ids"].append(ids)
         return out
+
+
+def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int], reshaped_size: tuple[int, int]) -> torch.Tensor:
+    """Map xyxy boxes `(K, 4)` from original-image pixels to the resized input frame, as `SamProcessor` does."""
+    (old_h, old_w), (new_h, new_w) = original_size, reshaped_size
+    factors = np.array([new_w / old_w, new_h / old_h, new_w / old_w, new_h / old_h])
+    return torch.from_numpy(np.asarray(boxes, np.float64).reshape(-1, 4) * factors).float()
 
 
 @dataclass
@@ -454,8 +473,9 @@ class SamDataCollator:
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         k = max(f["input_boxes"].shape[0] for f in features)
         m = features[0]["labels"].shape[-1]
+        image_key = "image_embeddings" if "image_embeddings" in features[0] else "pixel_values"
         batch = {
-            "pixel_values": torch.stack([f["pixel_values"] for f in features]),
+            image_key: torch.stack([f[image_key] for f in features]),
             "input_boxes": torch.zeros(len(features), k, 4),
             "labels": torch.full((len(features), k, m, m), LABEL_PAD),
             "original_sizes": torch.stack([f["original_sizes"] for f in features]),

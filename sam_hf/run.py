@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -12,6 +13,7 @@ import numpy as np
 import transformers
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
+from .cache import add_image_embeddings
 from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, index_objects, load_source, mask_to_instances, split_source
 from .loss import SamDiceCELoss
@@ -116,6 +118,20 @@ def run_training(
         train_ds = index_objects(train_ds, data_args.mask_type, "train", data_args.preprocessing_num_workers)
         if eval_ds is not None:
             eval_ds = index_objects(eval_ds, data_args.mask_type, "eval", data_args.preprocessing_num_workers)
+        if sam_args.cache_embeddings:
+            # The frozen encoder runs once per image here, never in the training loop.
+            embed = partial(
+                add_image_embeddings,
+                model=model,
+                image_processor=processor.image_processor,
+                dtype=sam_args.embedding_dtype,
+                batch_size=training_args.per_device_eval_batch_size,
+                cache_dir=sam_args.embedding_cache_dir,
+                device=training_args.device,
+            )
+            train_ds = embed(train_ds, split_name="train").remove_columns("image")
+            if eval_ds is not None:
+                eval_ds = embed(eval_ds, split_name="eval").remove_columns("image")
 
     box_baseline = box_baseline_dice(eval_ds, data_args.mask_type) if eval_ds is not None else None
     train_ds = train_ds.with_transform(
