@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from importlib import resources
 from pathlib import Path
@@ -91,5 +90,4 @@ def render_model_card(trainer: Any, **info: Any) -> ModelCard:
         after={k: _fmt(after.get(k)) for k in ("dice", "iou")},
         num_eval_objects=after.get("num_objects") or before.get("num_objects"),
         box_baseline=_fmt(info.get("box_baseline_dice")),
-        training_log=json.dumps(trainer.state.log_history[-1:], default=str) if trainer.state.log_history else None,
     )

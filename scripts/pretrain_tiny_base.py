@@ -17,9 +17,10 @@ import tempfile
 from pathlib import Path
 
 import datasets
-from transformers import SamModel, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from sam_hf import DataArguments, ModelArguments, SamArguments, run_training, tiny_sam_config, tiny_sam_processor
+from sam_hf.modeling import init_sam_model
 from sam_hf.synthetic import synthetic_dataset
 
 
@@ -30,6 +31,10 @@ def main() -> None:
     parser.add_argument("--num_eval_images", type=int, default=64)
     parser.add_argument("--max_steps", type=int, default=4000)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--lambda_dice", type=float, default=1.0)
+    parser.add_argument("--lambda_ce", type=float, default=1.0)
+    parser.add_argument("--eval_steps", type=int, default=250)
+    parser.add_argument("--warmup_steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -37,7 +42,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sam_hf_pretrain_"))
     try:
         config = tiny_sam_config()
-        SamModel(config).save_pretrained(work / "init")
+        init_sam_model(config, seed=args.seed).save_pretrained(work / "init")
         tiny_sam_processor(config).save_pretrained(work / "init")
         data = datasets.DatasetDict(
             {
@@ -55,6 +60,8 @@ def main() -> None:
                 freeze_vision_encoder=False,
                 freeze_prompt_encoder=False,
                 eval_before_training=False,
+                lambda_dice=args.lambda_dice,
+                lambda_ce=args.lambda_ce,
             ),
             TrainingArguments(
                 output_dir=args.output_dir,
@@ -62,12 +69,12 @@ def main() -> None:
                 per_device_train_batch_size=8,
                 per_device_eval_batch_size=8,
                 learning_rate=args.learning_rate,
-                warmup_steps=200,
+                warmup_steps=args.warmup_steps,
                 lr_scheduler_type="cosine",
                 weight_decay=0.01,
                 logging_steps=50,
                 eval_strategy="steps",
-                eval_steps=250,
+                eval_steps=args.eval_steps,
                 save_strategy="no",
                 report_to="none",
                 seed=args.seed,

@@ -220,3 +220,31 @@ def test_model_card_parses(trained_run):
     assert "vision_encoder, prompt_encoder" in card.text
     assert f"{metrics['eval_dice']:.4f}" in card.text and f"{metrics['base_eval_dice']:.4f}" in card.text
     assert "DiceCELoss" in card.text and "jittered outward by up to 5 px" in card.text
+
+
+def test_yaml_config_and_argument_errors(tmp_path):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    model_args, data_args, sam_args, training_args = parse_args([str(demo)])
+    assert model_args.model_name_or_path == "models/tiny-sam-base"
+    assert data_args.dataset_name == "data/nuclei_demo" and data_args.validation_split_percentage == 25
+    assert sam_args.freeze_vision_encoder and sam_args.cache_embeddings
+    assert training_args.metric_for_best_model == "dice" and training_args.load_best_model_at_end
+    with pytest.raises(ValueError, match="--box_jitter must be >= 0"):
+        parse_args(["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o", "--box_jitter", "-1"])
+    with pytest.raises(ValueError, match="--cache_embeddings needs --freeze_vision_encoder"):
+        parse_args(
+            [
+                "--model_name_or_path",
+                "m",
+                "--dataset_name",
+                "d",
+                "--output_dir",
+                "o",
+                "--freeze_vision_encoder",
+                "false",
+                "--cache_embeddings",
+                "true",
+            ]
+        )
