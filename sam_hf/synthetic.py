@@ -16,11 +16,13 @@ def synthetic_blobs(
     width: int = 256,
     num_objects: tuple[int, int] = (3, 20),
     radius: tuple[float, float] = (4.0, 32.0),
+    shape: str = "blob",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One RGB uint8 image `(H, W, 3)` of irregular blobs on a smooth noisy background, and its instance map.
 
-    Blobs are ellipses with a wobbly outline, bright on dark or dark on light, with their own shading. Later blobs
-    cover earlier ones; ids are renumbered 1..N over the visible objects.
+    Blobs are ellipses with a wobbly outline (`shape="blob"`) or axis-aligned rectangles (`shape="box"`, whose mask
+    fills its box), bright on dark or dark on light, with their own shading. Later blobs cover earlier ones; ids are
+    renumbered 1..N over the visible objects.
     """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     instances = np.zeros((height, width), np.int32)
@@ -39,7 +41,7 @@ def synthetic_blobs(
         v = (-dx * np.sin(theta) + dy * np.cos(theta)) / b
         angle = np.arctan2(v, u)
         wobble = 1 + 0.15 * np.sin(3 * angle + rng.uniform(0, 6.28)) * rng.uniform(0, 1)
-        inside = np.hypot(u, v) < wobble
+        inside = np.hypot(u, v) < wobble if shape == "blob" else (np.abs(dx) < a) & (np.abs(dy) < b)
         instances[inside] = i
         contrast = rng.uniform(0.25, 0.7) * (1 if dark_background else -1)
         shade = 1 - 0.3 * rng.random() * np.clip(np.hypot(u, v), 0, 1)
@@ -54,13 +56,15 @@ def synthetic_blobs(
     return rgb, remap[instances]
 
 
-def synthetic_dataset(num_images: int, seed: int = 0, size_range: tuple[int, int] = (192, 320)) -> datasets.Dataset:
+def synthetic_dataset(
+    num_images: int, seed: int = 0, size_range: tuple[int, int] = (192, 320), shape: str = "blob"
+) -> datasets.Dataset:
     """A `Dataset` with `image` and `label` (16-bit instance map) columns of `synthetic_blobs` of random sizes."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for _ in range(num_images):
         h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
-        rgb, inst = synthetic_blobs(rng, h, w)
+        rgb, inst = synthetic_blobs(rng, h, w, shape=shape)
         images.append(Image.fromarray(rgb))
         labels.append(Image.fromarray(inst.astype(np.uint16)))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
