@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max_objects_per_image", type=int, default=16)
     parser.add_argument("--boxes", type=int, default=16, help="K, boxes per image for the inference comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="best-of-N timing for the inference comparison")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.epochs < 2:
@@ -164,7 +165,7 @@ def main() -> None:
     image = ds[row]["image"].convert("RGB")
     boxes = ds[row]["boxes"][: args.boxes]
     k = len(boxes)
-    inf = inference(model, processor, image, boxes)
+    inf = inference(model, processor, image, boxes, repeats=args.repeats)
     marginal = (inf["k_boxes_s"] - inf["one_box_s"]) / max(k - 1, 1) / inf["one_box_s"]
 
     result = {
