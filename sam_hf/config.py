@@ -102,6 +102,9 @@ class SamArguments:
     embedding_dtype: str = field(
         default="float16", metadata={"help": "Storage dtype of cached embeddings: float16 or float32."}
     )
+    embedding_batch_size: int = field(
+        default=1, metadata={"help": "Images per vision-encoder call while building the embedding cache."}
+    )
     embedding_cache_dir: str | None = field(
         default=None, metadata={"help": "Where embedding caches live; defaults to <datasets cache>/sam_hf/embeddings."}
     )

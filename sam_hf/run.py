@@ -125,7 +125,7 @@ def run_training(
                 model=model,
                 image_processor=processor.image_processor,
                 dtype=sam_args.embedding_dtype,
-                batch_size=training_args.per_device_eval_batch_size,
+                batch_size=sam_args.embedding_batch_size,
                 cache_dir=sam_args.embedding_cache_dir,
                 device=training_args.device,
             )
