@@ -56,10 +56,10 @@ def render_model_card(trainer: Any, **info: Any) -> ModelCard:
             dataset_type=str(dataset),
             dataset_name=str(dataset),
             metric_type=name,
-            metric_name=f"Per-object {name.capitalize()} (box prompts)",
+            metric_name=f"Per-object {label} (box prompts)",
             metric_value=value,
         )
-        for name in ("dice", "iou")
+        for name, label in (("dice", "Dice"), ("iou", "IoU"))
         if (value := after.get(name)) is not None and dataset
     ]
     tags = ["sam", "segment-anything", "mask-generation", "sam_hf", *(info.get("tags") or [])]
@@ -73,7 +73,7 @@ def render_model_card(trainer: Any, **info: Any) -> ModelCard:
         model_name=model_id,
         eval_results=eval_results or None,
     )
-    hyperparameters = {name: getattr(args, name) for name in HYPERPARAMETERS}
+    hyperparameters = {name: getattr(getattr(args, name), "value", getattr(args, name)) for name in HYPERPARAMETERS}
     hyperparameters["world_size"] = args.world_size
     return ModelCard.from_template(
         card_data,
