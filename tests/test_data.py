@@ -201,3 +201,29 @@ def test_missing_column_and_mismatched_row(tmp_path):
     loaded = load_source(str(tmp_path / "saved"), mask_column="mask")["train"]
     with pytest.raises(ValueError, match="row 0 of split 'train'.*8x8.*8x9"):
         index_objects(loaded)
+
+
+def test_saved_dataset_dict_uses_its_eval_split_and_seeded_carving(tmp_path):
+    from sam_hf.data import split_source
+
+    def part(n, offset):
+        imgs, masks = [], []
+        for i in range(n):
+            m = np.zeros((16, 16), np.uint8)
+            m[2 : 4 + i % 5, 3:9] = 255
+            imgs.append(Image.fromarray(np.full((16, 16, 3), offset + i, np.uint8)))
+            masks.append(Image.fromarray(m))
+        ds = datasets.Dataset.from_dict({"image": imgs, "label": masks})
+        return ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image())
+
+    datasets.DatasetDict({"train": part(6, 0), "validation": part(2, 100)}).save_to_disk(str(tmp_path / "dd"))
+    train, evaluation = split_source(load_source(str(tmp_path / "dd")))
+    assert len(train) == 6 and len(evaluation) == 2
+    assert np.asarray(evaluation[0]["image"])[0, 0, 0] == 100  # the saved validation split, not a carved one
+    only_train = datasets.DatasetDict({"train": part(10, 0)})
+    a_train, a_eval = split_source(only_train, validation_split_percentage=20, seed=3)
+    b_train, b_eval = split_source(only_train, validation_split_percentage=20, seed=3)
+    assert len(a_eval) == 2 and len(a_train) == 8
+    assert [np.asarray(x)[0, 0, 0] for x in a_eval["image"]] == [np.asarray(x)[0, 0, 0] for x in b_eval["image"]]
+    with pytest.raises(ValueError, match="--train_split 'training' is not a split"):
+        split_source(only_train, train_split="training")
