@@ -4,7 +4,14 @@ from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, boxes_from_instances, jitter_boxes, load_source, mask_to_instances
 from .loss import SamDiceCELoss
 from .metrics import compute_metrics
-from .modeling import count_parameters, freeze_modules, load_model_and_processor, tiny_sam_config, tiny_sam_processor
+from .modeling import (
+    count_parameters,
+    freeze_modules,
+    init_sam_model,
+    load_model_and_processor,
+    tiny_sam_config,
+    tiny_sam_processor,
+)
 from .run import parse_args, run_training
 from .trainer import SamTrainer
 
@@ -22,6 +29,7 @@ __all__ = [
     "compute_metrics",
     "count_parameters",
     "freeze_modules",
+    "init_sam_model",
     "jitter_boxes",
     "load_model_and_processor",
     "load_source",
