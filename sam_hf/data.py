@@ -283,13 +283,14 @@ def jitter_boxes(
 def index_objects(
     ds: datasets.Dataset, mask_type: str = "auto", split_name: str = "train", num_proc: int | None = None
 ) -> datasets.Dataset:
-    """Add `boxes` (exact xyxy per object) and `num_objects` columns; drop, count and log images without objects.
+    """Add `boxes` (exact xyxy per object), `areas` (pixels per object) and `num_objects` columns; drop, count and
+    log images without objects.
 
     Runs as a cached `datasets.map`: each mask is decoded once here and once per use in the transform.
     """
 
     def _index(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        boxes, counts = [], []
+        boxes, areas, counts = [], [], []
         for image, mask, idx in zip(batch["image"], batch["label"], indices):
             where = f"row {idx} of split {split_name!r}"
             try:
@@ -301,13 +302,16 @@ def index_objects(
                     f"{where}: image is {image.height}x{image.width} (HxW) but mask is "
                     f"{mask_arr.shape[0]}x{mask_arr.shape[1]}; they must have the same size."
                 )
-            b = boxes_from_instances(mask_to_instances(mask_arr, mask_type))
+            instances = mask_to_instances(mask_arr, mask_type)
+            b = boxes_from_instances(instances)
             boxes.append(b.tolist())
+            areas.append(np.bincount(instances.ravel(), minlength=len(b) + 1)[1:].tolist())
             counts.append(len(b))
-        return {"boxes": boxes, "num_objects": counts}
+        return {"boxes": boxes, "areas": areas, "num_objects": counts}
 
     features = ds.features.copy()
     features["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
+    features["areas"] = datasets.List(datasets.Value("int64"))
     features["num_objects"] = datasets.Value("int32")
     ds = ds.map(
         _index,

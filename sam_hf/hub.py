@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,13 @@ HYPERPARAMETERS = (
 
 
 def model_card_template() -> Path:
-    """Path of the card template: `model_card.md` of the source tree, or the copy packaged with sam_hf."""
-    repo_copy = Path(__file__).resolve().parent.parent / "model_card.md"
-    if repo_copy.is_file():
-        return repo_copy
-    return Path(str(resources.files("sam_hf") / "model_card.md"))
+    """Path of the card template, `model_card.md` at the top of the source tree (sam_hf is installed editable)."""
+    path = Path(__file__).resolve().parent.parent / "model_card.md"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model card template {path} not found; install sam_hf from its source tree (pip install -e .)."
+        )
+    return path
 
 
 def _fmt(value: Any) -> str:

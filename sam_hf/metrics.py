@@ -27,9 +27,12 @@ def scores_from_stats(stats: np.ndarray) -> dict[str, np.ndarray]:
 def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     """`compute_metrics` for `SamTrainer`: mean per-object Dice and IoU (`eval_dice`, `eval_iou`).
 
-    `eval_pred.predictions` holds `(N, K, 3)` stats from `SamTrainer.prediction_step`; rows of padded objects are -100.
+    `eval_pred.predictions` holds `(N, K, 2)` intersection and predicted areas from `SamTrainer.prediction_step`, and
+    `eval_pred.label_ids` the `(N, K)` ground-truth areas; padded objects are -100.
     """
-    stats = np.asarray(eval_pred.predictions).reshape(-1, 3)
-    stats = stats[(stats >= 0).all(1)]
+    predictions = np.asarray(eval_pred.predictions).reshape(-1, 2)
+    gt_area = np.asarray(eval_pred.label_ids).reshape(-1, 1)
+    stats = np.concatenate([predictions, gt_area], axis=1)
+    stats = stats[gt_area[:, 0] >= 0]
     scores = scores_from_stats(stats)
     return {"dice": float(scores["dice"].mean()), "iou": float(scores["iou"].mean()), "num_objects": len(stats)}

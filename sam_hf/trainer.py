@@ -30,7 +30,8 @@ class SamTrainer(Trainer):
     accumulation 1 therefore gives the same update as batch 1 with accumulation 2, and `loss_is_scaled_for_ga` is set.
 
     Evaluation: `prediction_step` returns, per object, the intersection, predicted area and ground-truth area at the
-    original image resolution, which `sam_hf.metrics.compute_metrics` turns into `eval_dice` and `eval_iou`.
+    original image resolution (as predictions, `(B, K, 2)`) and the ground-truth area (as labels, `(B, K)`), which
+    `sam_hf.metrics.compute_metrics` turns into `eval_dice` and `eval_iou`.
 
     Args:
         loss_fn (`SamDiceCELoss`, *optional*): the loss; defaults to equal Dice and CE weights.
@@ -85,8 +86,7 @@ class SamTrainer(Trainer):
                 "Evaluation batches need `instances` and `object_ids` (SamTransform(with_instances=True))."
             )
         stats = self.object_stats(outputs.pred_masks[:, :, 0], inputs)
-        gt_area = stats[..., 2].clone()
-        return loss, stats, gt_area
+        return loss, stats[..., :2], stats[..., 2]
 
     def object_stats(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """`(B, K, 3)` intersection / predicted / ground-truth areas at original resolution; padding rows are -100."""

@@ -227,3 +227,18 @@ def test_saved_dataset_dict_uses_its_eval_split_and_seeded_carving(tmp_path):
     assert [np.asarray(x)[0, 0, 0] for x in a_eval["image"]] == [np.asarray(x)[0, 0, 0] for x in b_eval["image"]]
     with pytest.raises(ValueError, match="--train_split 'training' is not a split"):
         split_source(only_train, train_split="training")
+
+
+def test_areas_and_fill_the_box_baseline_by_hand():
+    from sam_hf.run import box_baseline_dice
+
+    inst = np.zeros((10, 10), np.uint16)
+    inst[0:4, 0:4] = 1  # a full 4x4 square: its box is itself, Dice 1
+    inst[6:8, 5:9] = 2  # rows 6..7, columns 5..8: a 2x4 box
+    inst[7, 8] = 0  # one corner pixel off: area 7 in an 8-pixel box -> Dice 2 * 7 / (7 + 8)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(np.zeros((10, 10, 3), np.uint8))], "label": [Image.fromarray(inst)]}
+    )
+    ds = index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
+    assert ds[0]["areas"] == [16, 7]
+    assert box_baseline_dice(ds) == pytest.approx((1.0 + 14 / 15) / 2)

@@ -59,8 +59,8 @@ def test_object_scores_by_hand():
 def test_compute_metrics_ignores_padding():
     from transformers import EvalPrediction
 
-    preds = np.array([[[3, 4, 6], [-100, -100, -100]], [[2, 2, 2], [1, 3, 1]]], np.float64)
-    m = compute_metrics(EvalPrediction(predictions=preds, label_ids=preds[..., 2]))
+    stats = np.array([[[3, 4, 6], [-100, -100, -100]], [[2, 2, 2], [1, 3, 1]]], np.float64)
+    m = compute_metrics(EvalPrediction(predictions=stats[..., :2], label_ids=stats[..., 2]))
     assert m["num_objects"] == 3
     assert m["dice"] == pytest.approx((0.6 + 1.0 + 0.5) / 3)
     assert m["iou"] == pytest.approx((3 / 7 + 1.0 + 1 / 3) / 3)
