@@ -2,6 +2,7 @@
 
 from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, boxes_from_instances, jitter_boxes, load_source, mask_to_instances
+from .inference import PromptError, SamPrediction, SamPredictor, label_image
 from .loss import SamDiceCELoss
 from .metrics import compute_metrics
 from .modeling import (
@@ -22,7 +23,10 @@ __all__ = [
     "ModelArguments",
     "SamArguments",
     "SamDataCollator",
+    "PromptError",
     "SamDiceCELoss",
+    "SamPrediction",
+    "SamPredictor",
     "SamTrainer",
     "SamTransform",
     "boxes_from_instances",
@@ -31,6 +35,7 @@ __all__ = [
     "freeze_modules",
     "init_sam_model",
     "jitter_boxes",
+    "label_image",
     "load_model_and_processor",
     "load_source",
     "mask_to_instances",

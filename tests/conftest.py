@@ -32,3 +32,50 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def nuclei_dir() -> Path:
     return NUCLEI
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model_dir, nuclei_dir, tmp_path_factory):
+    """A short `scripts/train.py` run on the nuclei demo data: `(output_dir, metrics)`."""
+    from sam_hf.run import parse_args, run_training
+
+    out = tmp_path_factory.mktemp("run")
+    argv = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(nuclei_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--box_jitter",
+        "5",
+        "--max_objects_per_image",
+        "8",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--load_best_model_at_end",
+        "--metric_for_best_model",
+        "dice",
+        "--report_to",
+        "none",
+        "--max_eval_samples",
+        "3",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "1",
+    ]
+    metrics = run_training(*parse_args(argv))
+    return out, metrics

@@ -13,7 +13,7 @@ from transformers import SamModel, SamProcessor, TrainingArguments
 from sam_hf import SamDataCollator, SamDiceCELoss, SamTrainer, SamTransform, freeze_modules
 from sam_hf.data import index_objects
 from sam_hf.modeling import freeze_unused_decoder_outputs
-from sam_hf.run import parse_args, run_training
+from sam_hf.run import parse_args
 
 
 def _two_image_dataset() -> datasets.Dataset:
@@ -108,50 +108,6 @@ def test_gradient_accumulation_equivalence(tiny_model_dir, tmp_path):
     for n in base:
         torch.testing.assert_close(big_batch[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
         torch.testing.assert_close(accumulated[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_model_dir, nuclei_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    argv = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(nuclei_dir),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "6",
-        "--per_device_train_batch_size",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--box_jitter",
-        "5",
-        "--max_objects_per_image",
-        "8",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "3",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "3",
-        "--load_best_model_at_end",
-        "--metric_for_best_model",
-        "dice",
-        "--report_to",
-        "none",
-        "--max_eval_samples",
-        "3",
-        "--logging_steps",
-        "1",
-        "--seed",
-        "1",
-    ]
-    metrics = run_training(*parse_args(argv))
-    return out, metrics
 
 
 def test_output_dir_layout_and_metrics(trained_run):

@@ -1,0 +1,267 @@
+"""Prompted inference: one image encoding shared by any number of box and point prompts.
+
+```python
+from sam_hf import SamPredictor
+
+predictor = SamPredictor.from_pretrained("outputs/nuclei-demo")
+predictor.set_image(image)                       # PIL image or array; encoded once
+result = predictor.predict(boxes=[[10, 12, 40, 44], [60, 8, 90, 30]])
+result.masks.shape, result.scores.shape          # (2, 1, H, W) bool, (2, 1)
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import SamModel, SamProcessor
+
+from .data import to_rgb_array
+from .modeling import load_model_and_processor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PromptError", "SamPrediction", "SamPredictor", "label_image", "validate_prompts"]
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be applied to the image (outside it, inverted, NaN, wrong shape)."""
+
+
+@dataclass
+class SamPrediction:
+    """Masks for `N` prompts at the original image resolution.
+
+    Attributes:
+        masks (`np.ndarray`): `(N, M, H, W)` bool, `M` = 3 with `multimask_output=True`, else 1.
+        scores (`np.ndarray`): `(N, M)` float32, the model's predicted IoU of each mask.
+        logits (`np.ndarray`): `(N, M, h, w)` float32 low-resolution mask logits (`h = w` = the decoder's mask size).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray
+
+    def best(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(N, H, W)` masks and `(N,)` scores, taking the highest-scoring of the `M` candidates per prompt."""
+        idx = self.scores.argmax(axis=1)
+        rows = np.arange(len(idx))
+        return self.masks[rows, idx], self.scores[rows, idx]
+
+
+def _as_array(value: Any, name: str, last_dim: int | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise PromptError(f"`{name}` must be numeric, got {value!r}.") from err
+    if last_dim is not None and (arr.ndim == 0 or arr.shape[-1] != last_dim):
+        raise PromptError(f"`{name}` must have a last dimension of {last_dim}, got shape {arr.shape}.")
+    return arr
+
+
+def validate_prompts(
+    image_size: tuple[int, int],
+    boxes: Any = None,
+    points: Any = None,
+    point_labels: Any = None,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Check prompts against an image of `(height, width)` and return them as arrays.
+
+    Args:
+        image_size (`tuple[int, int]`): `(height, width)` of the original image.
+        boxes: `(N, 4)` xyxy boxes in pixels, or one box `(4,)`.
+        points: `(N, P, 2)` xy points in pixels, `P` points per prompt; `(P, 2)` is one prompt with `P` points.
+        point_labels: `(N, P)` with 1 for a positive (foreground) and 0 for a negative point; defaults to all 1.
+
+    Returns:
+        `(boxes (N, 4), points (N, P, 2), point_labels (N, P))`, any of them `None` if not given.
+
+    Raises:
+        `PromptError`: with the index of the offending prompt for NaN or infinite coordinates, boxes or points
+        outside `[0, width] x [0, height]`, inverted boxes (`x1 < x0` or `y1 < y0`), labels other than 0 and 1,
+        mismatched counts, or no prompt at all.
+    """
+    height, width = image_size
+    boxes = _as_array(boxes, "boxes", 4)
+    points = _as_array(points, "points", 2)
+    labels = _as_array(point_labels, "point_labels", None)
+    if boxes is None and points is None:
+        if labels is not None:
+            raise PromptError("`point_labels` were given without `points`.")
+        raise PromptError("Give at least one prompt: `boxes` and/or `points`.")
+    if boxes is not None:
+        boxes = boxes.reshape(-1, 4) if boxes.ndim == 1 else boxes
+        if boxes.ndim != 2:
+            raise PromptError(f"`boxes` must be (N, 4), got shape {boxes.shape}.")
+        for i, box in enumerate(boxes.tolist()):
+            x0, y0, x1, y1 = box
+            if not np.isfinite([x0, y0, x1, y1]).all():
+                raise PromptError(f"Box {i} has a NaN or infinite coordinate: {box}.")
+            if x1 < x0 or y1 < y0:
+                raise PromptError(f"Box {i} is inverted: expected x0 <= x1 and y0 <= y1 (xyxy), got {box}.")
+            if min(x0, y0) < 0 or x1 > width or y1 > height:
+                raise PromptError(
+                    f"Box {i} {box} lies outside the {width}x{height} image (x in [0, {width}], y in [0, {height}])."
+                )
+    if points is not None:
+        if points.ndim == 2:
+            points = points[None]
+        if points.ndim != 3:
+            raise PromptError(f"`points` must be (N, P, 2) or (P, 2), got shape {points.shape}.")
+        if labels is None:
+            labels = np.ones(points.shape[:2])
+        labels = labels.reshape(points.shape[:2]) if labels.size == math.prod(points.shape[:2]) else labels
+        if labels.shape != points.shape[:2]:
+            raise PromptError(
+                f"`point_labels` must have shape {points.shape[:2]} to match `points`, got {labels.shape}."
+            )
+        if not np.isin(labels, (0, 1)).all():
+            raise PromptError("`point_labels` must be 1 (positive) or 0 (negative).")
+        for i, prompt in enumerate(points):
+            if not np.isfinite(prompt).all():
+                raise PromptError(f"Points of prompt {i} have a NaN or infinite coordinate: {prompt.tolist()}.")
+            x, y = prompt[:, 0], prompt[:, 1]
+            if (x < 0).any() or (y < 0).any() or (x > width).any() or (y > height).any():
+                raise PromptError(f"Points of prompt {i} {prompt.tolist()} lie outside the {width}x{height} image.")
+        if boxes is not None and len(boxes) != len(points):
+            raise PromptError(
+                f"With both boxes and points, each prompt has one box and its points: got {len(boxes)} boxes and "
+                f"{len(points)} point sets."
+            )
+    return boxes, points, (labels.astype(np.int64) if labels is not None else None)
+
+
+class SamPredictor:
+    """Segment an image with box and/or point prompts, encoding the image once.
+
+    Args:
+        model (`SamModel`): a SAM model, e.g. one fine-tuned with sam_hf.
+        processor (`SamProcessor`): its processor (resizing, padding, normalisation, mask post-processing).
+        device (`str` or `torch.device`, *optional*): defaults to the model's device.
+        chunk_size (`int`, *optional*, defaults to 64): prompts decoded and upsampled at once; bounds memory.
+        mask_threshold (`float`, *optional*, defaults to 0.0): logit threshold for the binary masks.
+    """
+
+    def __init__(
+        self,
+        model: SamModel,
+        processor: SamProcessor,
+        device: str | torch.device | None = None,
+        chunk_size: int = 64,
+        mask_threshold: float = 0.0,
+    ):
+        if chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.processor = processor
+        self.chunk_size = chunk_size
+        self.mask_threshold = mask_threshold
+        self.reset_image()
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, device: str | None = None, **kwargs: Any) -> SamPredictor:
+        """Load a model and processor from a directory or Hub id (see `load_model_and_processor`)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir") if k in kwargs}
+        model, processor = load_model_and_processor(model_name_or_path, **hub_kwargs)
+        return cls(model, processor, device=device, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def reset_image(self) -> None:
+        self.image_embeddings = None
+        self.original_size: tuple[int, int] | None = None
+        self.reshaped_size: tuple[int, int] | None = None
+
+    @torch.no_grad()
+    def set_image(self, image: Any) -> None:
+        """Encode `image` (PIL image or `(H, W)`, `(H, W, 3|4)` array) once for the prompts that follow."""
+        rgb = np.array(to_rgb_array(image))  # a writable copy for the processor
+        inputs = self.processor.image_processor(rgb, return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device, self.model.dtype)
+        self.image_embeddings = self.model.get_image_embeddings(pixel_values)
+        self.original_size = tuple(int(v) for v in inputs["original_sizes"][0])
+        self.reshaped_size = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
+
+    def _scale(self, coords: np.ndarray) -> torch.Tensor:
+        (old_h, old_w), (new_h, new_w) = self.original_size, self.reshaped_size
+        factors = np.tile([new_w / old_w, new_h / old_h], coords.shape[-1] // 2)
+        return torch.from_numpy(coords * factors).to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        boxes: Any = None,
+        points: Any = None,
+        point_labels: Any = None,
+        multimask_output: bool = False,
+    ) -> SamPrediction:
+        """Masks for each prompt at the original resolution.
+
+        Args:
+            boxes: `(N, 4)` xyxy pixel boxes (or one `(4,)` box).
+            points: `(N, P, 2)` xy pixel points, `P` per prompt (or `(P, 2)` for one prompt).
+            point_labels: `(N, P)`, 1 positive / 0 negative; defaults to all positive.
+            multimask_output (`bool`, *optional*, defaults to `False`): return SAM's three candidate masks per prompt
+                with their predicted IoU, as the original `SamPredictor` does; `SamPrediction.best()` picks one.
+
+        With both boxes and points, prompt `i` is box `i` together with point set `i`.
+        """
+        if self.image_embeddings is None:
+            raise RuntimeError("Call `set_image(image)` before `predict(...)`.")
+        boxes, points, labels = validate_prompts(self.original_size, boxes, points, point_labels)
+        n = len(boxes) if boxes is not None else len(points)
+        image_processor = self.processor.image_processor
+        masks, scores, logits = [], [], []
+        for start in range(0, n, self.chunk_size):
+            sl = slice(start, start + self.chunk_size)
+            kwargs = {}
+            if boxes is not None:
+                kwargs["input_boxes"] = self._scale(boxes[sl])[None]
+            if points is not None:
+                kwargs["input_points"] = self._scale(points[sl])[None]
+                kwargs["input_labels"] = torch.from_numpy(labels[sl]).to(self.device)[None]
+            out = self.model(image_embeddings=self.image_embeddings, multimask_output=multimask_output, **kwargs)
+            low_res = out.pred_masks[0].float()
+            full = image_processor.post_process_masks(
+                [low_res.cpu()],
+                [self.original_size],
+                [self.reshaped_size],
+                mask_threshold=self.mask_threshold,
+                binarize=True,
+            )[0]
+            masks.append(full.numpy().astype(bool))
+            scores.append(out.iou_scores[0].float().cpu().numpy())
+            logits.append(low_res.cpu().numpy())
+        return SamPrediction(np.concatenate(masks), np.concatenate(scores), np.concatenate(logits))
+
+    def __call__(self, image: Any, **prompts: Any) -> SamPrediction:
+        """`set_image(image)` then `predict(**prompts)`."""
+        self.set_image(image)
+        return self.predict(**prompts)
+
+
+def label_image(masks: np.ndarray) -> np.ndarray:
+    """Merge `(N, H, W)` boolean masks into one `(H, W)` uint16 label image (object `i` -> label `i + 1`).
+
+    Where masks overlap, the smaller object wins, so small objects inside larger ones stay visible.
+    """
+    masks = np.asarray(masks, bool)
+    if masks.ndim != 3:
+        raise ValueError(f"Expected masks of shape (N, H, W), got {masks.shape}.")
+    if len(masks) >= np.iinfo(np.uint16).max:
+        raise ValueError(f"Too many masks for a uint16 label image: {len(masks)}.")
+    out = np.zeros(masks.shape[1:], np.uint16)
+    for i in np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable"):
+        out[masks[i]] = i + 1
+    return out
