@@ -97,8 +97,10 @@ class SamTrainer(Trainer):
             h, w = (int(v) for v in inputs["original_sizes"][i])
             ids = inputs["object_ids"][i]
             instances = inputs["instances"][i, :h, :w]
-            for start in range(0, int((ids > 0).sum()), self.eval_chunk_size):
-                sl = slice(start, start + self.eval_chunk_size)
+            n_objects = int((ids > 0).sum())
+            for start in range(0, n_objects, self.eval_chunk_size):
+                # Stop at the last real object: the collator pads with id 0, which must not be scored.
+                sl = slice(start, min(start + self.eval_chunk_size, n_objects))
                 pred = image_processor.post_process_masks(
                     [logits[i, sl][None].float()], [(h, w)], inputs["reshaped_input_sizes"][i : i + 1].tolist()
                 )[0][0]

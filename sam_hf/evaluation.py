@@ -1,0 +1,345 @@
+"""Side-by-side evaluation of SAM checkpoints with box prompts: `scripts/evaluate.py` and its library functions.
+
+Per object: Dice and IoU at the original resolution, from the `sam_hf.object_metrics` evaluate module. Reported per
+model: mean, median and count; per-image means; and a breakdown by object-size tercile (small objects are where SAM
+fails). Written as `metrics.json` and `metrics.md`, plus a base-vs-tuned figure when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import evaluate
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import object_metrics
+from .cache import _hash_tensors
+from .config import DataArguments
+from .data import index_objects, jitter_boxes, load_source, mask_to_instances, split_source, to_rgb_array
+from .inference import SamPredictor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EvaluateArguments",
+    "evaluate_models",
+    "load_object_metrics",
+    "parse_model_specs",
+    "run_evaluation",
+    "summarize",
+    "to_markdown",
+]
+
+TERCILES = ("small", "medium", "large")
+
+
+@dataclass
+class EvaluateArguments:
+    """What to evaluate and where to write it (the data side is `DataArguments`, as for training)."""
+
+    model: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "One or more models as name=path_or_hub_id (or just a path; the name is then its folder name), "
+            "e.g. --model base=facebook/sam-vit-base tuned=runs/my-run"
+        },
+    )
+    output_dir: str = field(default="eval", metadata={"help": "Where metrics.json, metrics.md and figures go."})
+    split: str = field(
+        default="eval",
+        metadata={
+            "help": "'eval': the held-out split train.py evaluates on (same --seed and --validation_split_percentage "
+            "carve it the same way); 'train': the training split."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seed that carved the eval split (train.py's --seed)."})
+    box_jitter: float = field(
+        default=0.0, metadata={"help": "Jitter eval boxes outward by up to this many pixels (robustness); 0 = exact."}
+    )
+    jitter_seed: int = field(default=0, metadata={"help": "Seed of the box jitter; the same boxes for every model."})
+    chunk_size: int = field(default=64, metadata={"help": "Prompts decoded and upsampled at once."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; defaults to cuda if available."})
+    num_figure_images: int = field(default=4, metadata={"help": "Images in the base-vs-tuned figure (0 = none)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Hub download cache."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models or data; never logged."})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("Give at least one --model (name=path_or_hub_id).")
+        if self.split not in ("eval", "train"):
+            raise ValueError(f"--split must be 'eval' or 'train', got {self.split!r}.")
+        if self.box_jitter < 0:
+            raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
+
+
+def parse_model_specs(specs: list[str]) -> dict[str, str]:
+    """`["base=a", "runs/b"]` -> `{"base": "a", "b": "runs/b"}`; names must be unique."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name or spec, spec
+        if not name or not path:
+            raise ValueError(f"--model {spec!r}: expected name=path_or_hub_id or a path.")
+        if name in models:
+            raise ValueError(f"--model name {name!r} is used twice; give each model its own name (name=path).")
+        models[name] = path
+    return models
+
+
+def load_object_metrics(**kwargs: Any) -> evaluate.EvaluationModule:
+    """The per-object Dice/IoU `evaluate` module, loaded by path from sam_hf (no Hub access)."""
+    return evaluate.load(object_metrics.__file__, **kwargs)
+
+
+def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Dice and IoU depend only on pixels inside the union's bounding box; cropping keeps the metric inputs small.
+    union = pred | ref
+    if not union.any():
+        return pred[:1, :1], ref[:1, :1]
+    rows, cols = np.flatnonzero(union.any(1)), np.flatnonzero(union.any(0))
+    sl = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return pred[sl], ref[sl]
+
+
+def evaluate_models(
+    predictors: dict[str, SamPredictor],
+    dataset: datasets.Dataset,
+    mask_type: str = "auto",
+    box_jitter: float = 0.0,
+    jitter_seed: int = 0,
+    num_figure_images: int = 0,
+) -> dict[str, Any]:
+    """Prompt every model with one box per object of every image and score each object.
+
+    Args:
+        predictors (`dict[str, SamPredictor]`): the models, by name.
+        dataset (`datasets.Dataset`): `image` and `label` columns plus the `boxes` column of `index_objects`.
+        mask_type (`str`, *optional*, defaults to `"auto"`): how masks become objects (see `mask_to_instances`).
+        box_jitter (`float`, *optional*, defaults to 0): outward jitter of the boxes in pixels; the same jittered
+            boxes go to every model.
+        jitter_seed (`int`, *optional*, defaults to 0): seed of the jitter.
+        num_figure_images (`int`, *optional*, defaults to 0): keep this many images' predictions for a figure.
+
+    Returns:
+        A dict with `objects` (per object: `image`, `name`, `object_id`, `area`, and `dice` / `iou` per model) and
+        `figure_samples` (see `sam_hf.viz.plot_base_vs_tuned`).
+
+    Models whose vision encoders have identical weights and the same image processor share one image encoding.
+    """
+    rng = np.random.default_rng(jitter_seed)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, predictor in predictors.items():
+        key = (
+            _hash_tensors(predictor.model.vision_encoder),
+            json.dumps(predictor.processor.image_processor.to_dict(), sort_keys=True, default=str),
+        )
+        groups.setdefault(key, []).append(name)
+    logger.info("%d model(s), %d distinct image encoder(s)", len(predictors), len(groups))
+
+    metrics = {name: load_object_metrics(experiment_id=f"sam_hf_{name}") for name in predictors}
+    objects: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    for idx in tqdm(range(len(dataset)), desc="Evaluating", unit="image"):
+        row = dataset[idx]
+        image = to_rgb_array(row["image"])
+        instances = mask_to_instances(row["label"], mask_type)
+        boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
+        if box_jitter:
+            boxes = jitter_boxes(boxes, box_jitter, instances.shape, rng)
+        ids = np.arange(1, len(boxes) + 1)
+        gt = instances[None] == ids[:, None, None]
+        name = str(row.get("file_name", idx))
+        per_model: dict[str, np.ndarray] = {}
+        for members in groups.values():
+            first = predictors[members[0]]
+            first.set_image(image)
+            for member in members:
+                predictor = predictors[member]
+                if predictor is not first:
+                    predictor.image_embeddings = first.image_embeddings
+                    predictor.original_size, predictor.reshaped_size = first.original_size, first.reshaped_size
+                masks = predictor.predict(boxes=boxes).masks[:, 0]
+                pairs = [_crop_to_union(p, g) for p, g in zip(masks, gt)]
+                metrics[member].add_batch(predictions=[p for p, _ in pairs], references=[g for _, g in pairs])
+                per_model[member] = masks
+        for k in range(len(boxes)):
+            objects.append({"image": idx, "name": name, "object_id": int(ids[k]), "area": int(gt[k].sum())})
+        if len(samples) < num_figure_images:
+            samples.append({"image": image, "gt_masks": gt, "boxes": boxes, "predictions": per_model, "name": name})
+
+    for model_name, metric in metrics.items():
+        result = metric.compute(return_per_object=True)
+        if result["num_objects"] != len(objects):
+            raise RuntimeError(f"{model_name}: scored {result['num_objects']} objects, expected {len(objects)}.")
+        for obj, d, i in zip(objects, result["dice"], result["iou"]):
+            obj.setdefault("dice", {})[model_name] = float(d)
+            obj.setdefault("iou", {})[model_name] = float(i)
+    offset = 0
+    for sample in samples:
+        k = len(sample["boxes"])
+        sample["dice"] = {m: np.array([o["dice"][m] for o in objects[offset : offset + k]]) for m in predictors}
+        offset += k
+    return {"objects": objects, "figure_samples": samples}
+
+
+def summarize(objects: list[dict[str, Any]], model_names: list[str]) -> dict[str, Any]:
+    """Mean / median / count per model, per-image means, and size terciles (edges from ground-truth areas)."""
+    areas = np.array([o["area"] for o in objects], np.float64)
+    edges = np.quantile(areas, [1 / 3, 2 / 3]).tolist()
+    # Tercile by area: small <= q1 < medium <= q2 < large.
+    tercile = np.digitize(areas, edges, right=True)
+    images = sorted({o["image"] for o in objects})
+    summary: dict[str, Any] = {
+        "num_images": len(images),
+        "num_objects": len(objects),
+        "size_tercile_edges_px": edges,
+        "models": {},
+    }
+    for m in model_names:
+        dice = np.array([o["dice"][m] for o in objects])
+        iou = np.array([o["iou"][m] for o in objects])
+        image_of = np.array([o["image"] for o in objects])
+        per_image = [
+            {
+                "image": int(i),
+                "name": next(o["name"] for o in objects if o["image"] == i),
+                "num_objects": int((image_of == i).sum()),
+                "dice": float(dice[image_of == i].mean()),
+                "iou": float(iou[image_of == i].mean()),
+            }
+            for i in images
+        ]
+        terciles = {}
+        for t, label in enumerate(TERCILES):
+            sel = tercile == t
+            terciles[label] = {
+                "num_objects": int(sel.sum()),
+                "area_px": [float(areas[sel].min()), float(areas[sel].max())] if sel.any() else None,
+                "dice": float(dice[sel].mean()) if sel.any() else None,
+                "iou": float(iou[sel].mean()) if sel.any() else None,
+            }
+        summary["models"][m] = {
+            "num_objects": len(objects),
+            "dice": {"mean": float(dice.mean()), "median": float(np.median(dice))},
+            "iou": {"mean": float(iou.mean()), "median": float(np.median(iou))},
+            "per_image_mean": {
+                "dice": float(np.mean([p["dice"] for p in per_image])),
+                "iou": float(np.mean([p["iou"] for p in per_image])),
+            },
+            "size_terciles": terciles,
+            "per_image": per_image,
+        }
+    return summary
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    """Markdown tables of a `summarize` result."""
+    models = summary["models"]
+    lines = [
+        f"Evaluated on {summary['num_images']} images, {summary['num_objects']} objects.",
+        "",
+        "| model | objects | mean Dice | median Dice | mean IoU | median IoU | per-image mean Dice |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        lines.append(
+            f"| {name} | {m['num_objects']} | {m['dice']['mean']:.4f} | {m['dice']['median']:.4f} | "
+            f"{m['iou']['mean']:.4f} | {m['iou']['median']:.4f} | {m['per_image_mean']['dice']:.4f} |"
+        )
+    first = next(iter(models.values()))["size_terciles"]
+    heads = [
+        f"{t} ({v['area_px'][0]:g}-{v['area_px'][1]:g} px, n={v['num_objects']})" if v["area_px"] else f"{t} (n=0)"
+        for t, v in first.items()
+    ]
+    lines += ["", "Mean Dice by object-size tercile:", "", "| model | " + " | ".join(heads) + " |"]
+    lines.append("|---|" + "---|" * len(heads))
+    for name, m in models.items():
+        cells = [f"{v['dice']:.4f}" if v["dice"] is not None else "-" for v in m["size_terciles"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-image mean Dice:", "", "| image | objects | " + " | ".join(models) + " |"]
+    lines.append("|---|---|" + "---|" * len(models))
+    per_image = {name: m["per_image"] for name, m in models.items()}
+    for j, row in enumerate(next(iter(per_image.values()))):
+        cells = [f"{per_image[name][j]['dice']:.4f}" for name in models]
+        lines.append(f"| {row['name']} | {row['num_objects']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_split(data_args: DataArguments, split: str, seed: int, cache_dir: str | None, token: str | None):
+    """The indexed split `train.py` would train (`"train"`) or evaluate (`"eval"`) on."""
+    source = load_source(
+        data_args.dataset_name, data_args.dataset_config_name, data_args.image_column, data_args.mask_column,
+        cache_dir, token,
+    )  # fmt: skip
+    train_ds, eval_ds = split_source(
+        source, data_args.train_split, data_args.eval_split, data_args.validation_split_percentage, seed
+    )
+    ds = eval_ds if split == "eval" else train_ds
+    if ds is None:
+        raise ValueError(
+            f"--dataset_name {data_args.dataset_name!r} has no eval split and --validation_split_percentage is 0."
+        )
+    limit = data_args.max_eval_samples if split == "eval" else data_args.max_train_samples
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return index_objects(ds, data_args.mask_type, split, data_args.preprocessing_num_workers)
+
+
+def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> dict[str, Any]:
+    """Evaluate every `--model` on the chosen split; write `metrics.json`, `metrics.md` and `base_vs_tuned.png`."""
+    models = parse_model_specs(eval_args.model)
+    device = eval_args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    predictors = {
+        name: SamPredictor.from_pretrained(
+            path, device=device, chunk_size=eval_args.chunk_size, cache_dir=eval_args.cache_dir, token=eval_args.token
+        )
+        for name, path in models.items()
+    }
+    dataset = load_split(data_args, eval_args.split, eval_args.seed, eval_args.cache_dir, eval_args.token)
+    result = evaluate_models(
+        predictors,
+        dataset,
+        mask_type=data_args.mask_type,
+        box_jitter=eval_args.box_jitter,
+        jitter_seed=eval_args.jitter_seed,
+        num_figure_images=eval_args.num_figure_images,
+    )
+    summary = summarize(result["objects"], list(models))
+    summary.update(
+        dataset=data_args.dataset_name,
+        split=eval_args.split,
+        boxes="exact" if not eval_args.box_jitter else f"jittered outward by up to {eval_args.box_jitter:g} px",
+        jitter_seed=eval_args.jitter_seed if eval_args.box_jitter else None,
+        model_paths=models,
+    )
+    out = Path(eval_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "metrics.md").write_text(to_markdown(summary))
+    with open(out / "per_object.jsonl", "w") as f:
+        for obj in result["objects"]:
+            f.write(json.dumps(obj) + "\n")
+    if result["figure_samples"]:
+        _save_figure(result["figure_samples"], out / ("base_vs_tuned.png" if len(models) > 1 else "predictions.png"))
+    logger.info("Wrote %s", ", ".join(str(p) for p in sorted(out.iterdir())))
+    return summary
+
+
+def _save_figure(samples: list[dict[str, Any]], path: Path) -> None:
+    try:
+        from .viz import plot_base_vs_tuned, save_figure
+    except ImportError as err:
+        logger.warning("Skipping %s: %s (install sam_hf[viz] for figures).", path.name, err)
+        return
+    save_figure(plot_base_vs_tuned(samples), path)

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+from transformers import SamModel, SamProcessor, TrainingArguments
+
+import sam_hf.object_metrics
+from sam_hf import SamDataCollator, SamPredictor, SamTrainer, SamTransform
+from sam_hf.data import boxes_from_instances, index_objects, load_source, mask_to_instances
+from sam_hf.evaluation import evaluate_models, load_object_metrics, parse_model_specs, summarize, to_markdown
+from sam_hf.metrics import compute_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _numpy_dice_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    inter = np.logical_and(pred, ref).sum()
+    union = np.logical_or(pred, ref).sum()
+    total = pred.sum() + ref.sum()
+    return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
+
+
+@pytest.mark.parametrize(
+    ("pred", "ref", "dice", "iou"),
+    [
+        ([[1, 1], [0, 0]], [[1, 0], [0, 0]], 2 / 3, 1 / 2),  # |P|=2, |G|=1, |P&G|=1
+        ([[1, 1, 1]], [[0, 1, 1]], 4 / 5, 2 / 3),
+        ([[0, 0]], [[1, 1]], 0.0, 0.0),
+        ([[0, 0]], [[0, 0]], 1.0, 1.0),  # empty vs empty scores 1
+        ([[1, 0], [0, 1]], [[1, 0], [0, 1]], 1.0, 1.0),
+    ],
+)
+def test_object_metrics_module_by_hand(pred, ref, dice, iou):
+    metric = evaluate.load(sam_hf.object_metrics.__file__)  # by path: no Hub
+    out = metric.compute(predictions=[pred], references=[ref], return_per_object=True)
+    assert out["mean_dice"] == pytest.approx(dice) and out["mean_iou"] == pytest.approx(iou)
+    assert out["num_objects"] == 1 and out["area"][0] == np.sum(ref)
+
+
+def test_object_metrics_batches_and_shape_errors():
+    metric = load_object_metrics()
+    metric.add_batch(predictions=[[[1, 1]], [[1, 0, 0]]], references=[[[1, 0]], [[1, 1, 0]]])
+    metric.add(predictions=[[0]], references=[[1]])
+    out = metric.compute()
+    # Dice 2/3, 2/3, 0 -> mean 4/9, median 2/3; IoU 1/2, 1/2, 0.
+    assert out["mean_dice"] == pytest.approx(4 / 9) and out["median_dice"] == pytest.approx(2 / 3)
+    assert out["mean_iou"] == pytest.approx(1 / 3) and out["num_objects"] == 3
+    with pytest.raises(ValueError, match="shape"):
+        load_object_metrics().compute(predictions=[[[1, 1]]], references=[[[1, 1, 1]]])
+
+
+def test_model_specs():
+    assert parse_model_specs(["base=a/b", "runs/tuned/"]) == {"base": "a/b", "tuned": "runs/tuned/"}
+    with pytest.raises(ValueError, match="used twice"):
+        parse_model_specs(["x=a", "x=b"])
+
+
+@pytest.fixture(scope="module")
+def eval_images(nuclei_dir):
+    ds = load_source(str(nuclei_dir))["train"].select(range(3))
+    return index_objects(ds, "auto", "eval")
+
+
+def test_evaluation_agrees_with_independent_numpy(eval_images, tiny_model_dir, trained_run):
+    tuned_dir, _ = trained_run
+    predictors = {
+        "base": SamPredictor.from_pretrained(str(tiny_model_dir)),
+        "tuned": SamPredictor.from_pretrained(str(tuned_dir)),
+    }
+    result = evaluate_models(predictors, eval_images)
+    objects = result["objects"]
+    assert len(objects) == sum(eval_images["num_objects"])
+    # Independent path: plain processor + full forward + post-processing, then NumPy Dice / IoU per object.
+    for name, path in (("base", tiny_model_dir), ("tuned", tuned_dir)):
+        model, processor = SamModel.from_pretrained(path).eval(), SamProcessor.from_pretrained(path)
+        expected_dice, expected_iou, areas = [], [], []
+        for row in eval_images:
+            inst = mask_to_instances(row["label"])
+            boxes = boxes_from_instances(inst)
+            inputs = processor(images=row["image"].convert("RGB"), input_boxes=[boxes.tolist()], return_tensors="pt")
+            with torch.no_grad():
+                out = model(
+                    pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"], multimask_output=False
+                )
+            masks = processor.post_process_masks(
+                out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+            )
+            for k, mask in enumerate(masks[0][:, 0].numpy()):
+                d, i = _numpy_dice_iou(mask, inst == k + 1)
+                expected_dice.append(d)
+                expected_iou.append(i)
+                areas.append(int((inst == k + 1).sum()))
+        got_dice = np.array([o["dice"][name] for o in objects])
+        np.testing.assert_allclose(got_dice, expected_dice, atol=2e-3)  # a pixel at the threshold may flip
+        np.testing.assert_allclose([o["iou"][name] for o in objects], expected_iou, atol=2e-3)
+        assert [o["area"] for o in objects] == areas
+    # Summary statistics against NumPy directly.
+    summary = summarize(objects, ["base", "tuned"])
+    dice = np.array([o["dice"]["tuned"] for o in objects])
+    area = np.array([o["area"] for o in objects])
+    m = summary["models"]["tuned"]
+    assert m["dice"]["mean"] == pytest.approx(dice.mean()) and m["dice"]["median"] == pytest.approx(np.median(dice))
+    small = area <= np.quantile(area, 1 / 3)
+    assert m["size_terciles"]["small"]["num_objects"] == small.sum() >= 1
+    assert m["size_terciles"]["small"]["dice"] == pytest.approx(dice[small].mean())
+    first = [o for o in objects if o["image"] == 0]
+    assert m["per_image"][0]["dice"] == pytest.approx(np.mean([o["dice"]["tuned"] for o in first]))
+    assert sum(t["num_objects"] for t in m["size_terciles"].values()) == len(objects)
+    table = to_markdown(summary)
+    assert f"{m['dice']['mean']:.4f}" in table and "| base |" in table
+
+
+def test_shared_encoding_and_seeded_jitter(eval_images, tiny_model_dir):
+    a, b = SamPredictor.from_pretrained(str(tiny_model_dir)), SamPredictor.from_pretrained(str(tiny_model_dir))
+    exact = evaluate_models({"a": a, "b": b}, eval_images)["objects"]
+    assert all(o["dice"]["a"] == o["dice"]["b"] for o in exact)
+    j1 = evaluate_models({"a": a}, eval_images, box_jitter=6, jitter_seed=3)["objects"]
+    j2 = evaluate_models({"a": a}, eval_images, box_jitter=6, jitter_seed=3)["objects"]
+    assert [o["dice"]["a"] for o in j1] == [o["dice"]["a"] for o in j2]
+    assert [o["dice"]["a"] for o in j1] != [o["dice"]["a"] for o in exact]
+
+
+def test_trainer_evaluation_counts_each_object_once(eval_images, trained_run, tmp_path):
+    """In-training eval (batched, objects padded to the batch maximum) equals the per-image evaluation."""
+    tuned_dir, _ = trained_run
+    model, processor = SamModel.from_pretrained(tuned_dir), SamProcessor.from_pretrained(tuned_dir)
+    counts = eval_images["num_objects"]
+    assert len(set(counts)) > 1  # unequal counts: the collator pads
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to="none", remove_unused_columns=False,
+        label_names=["labels"],
+    )  # fmt: skip
+    trainer = SamTrainer(
+        model=model,
+        args=args,
+        eval_dataset=eval_images.with_transform(SamTransform(processor, train=False, with_instances=True)),
+        data_collator=SamDataCollator(),
+        processing_class=processor.image_processor,
+        compute_metrics=compute_metrics,
+    )
+    metrics = trainer.evaluate()
+    independent = evaluate_models({"t": SamPredictor(model, processor)}, eval_images)["objects"]
+    assert metrics["eval_num_objects"] == sum(counts)
+    assert metrics["eval_dice"] == pytest.approx(np.mean([o["dice"]["t"] for o in independent]), abs=1e-3)
+
+
+def test_evaluate_script_writes_json_and_markdown(tiny_model_dir, trained_run, nuclei_dir, tmp_path):
+    tuned_dir, _ = trained_run
+    out = tmp_path / "eval"
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "evaluate.py"),
+        "--model", f"base={tiny_model_dir}", f"tuned={tuned_dir}",
+        "--dataset_name", str(nuclei_dir), "--validation_split_percentage", "25", "--max_eval_samples", "2",
+        "--output_dir", str(out), "--num_figure_images", "0",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["num_images"] == 2 and set(summary["models"]) == {"base", "tuned"}
+    assert summary["boxes"] == "exact"
+    for m in summary["models"].values():
+        assert f"{m['dice']['mean']:.4f}" in (out / "metrics.md").read_text()
+    lines = (out / "per_object.jsonl").read_text().splitlines()
+    assert len(lines) == summary["num_objects"]
+    assert "| tuned |" in proc.stdout
