@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam_hf import PromptError, SamPredictor
+from sam_hf.predict import PredictArguments, overlay, parse_coordinates, run_prediction
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def image_files(nuclei_dir):
+    return sorted((nuclei_dir / "images").iterdir())[:2]
+
+
+def test_cli_boxes_write_masks_labels_overlay(tiny_model_dir, image_files, tmp_path):
+    boxes = [[10.0, 12.0, 60.0, 70.0], [100.0, 40.0, 180.0, 170.0]]
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "predict.py"), "--model", str(tiny_model_dir),
+        "--images", str(image_files[0]), "--boxes", "10,12,60,70; 100,40,180,170", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stem = image_files[0].stem
+    image = Image.open(image_files[0])
+    expected = SamPredictor.from_pretrained(str(tiny_model_dir))(image, boxes=boxes)
+    for i in range(2):
+        written = np.asarray(Image.open(tmp_path / stem / f"mask_{i:03d}.png")) > 0
+        np.testing.assert_array_equal(written, expected.masks[i, 0])
+    labels = np.asarray(Image.open(tmp_path / f"{stem}_labels.png"))
+    assert labels.shape == (image.height, image.width)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    np.testing.assert_allclose(report["scores"], expected.scores, atol=1e-6)
+    assert report["mask_area"] == expected.masks[:, 0].reshape(2, -1).sum(1).tolist()
+    drawn = np.asarray(Image.open(tmp_path / f"{stem}_overlay.png").convert("RGB"))
+    assert drawn.shape == (image.height, image.width, 3)
+
+
+def test_overlay_colours_masks_and_marks_points():
+    image = np.zeros((20, 30, 3), np.uint8)
+    mask = np.zeros((1, 20, 30), bool)
+    mask[0, 5:10, 5:15] = True
+    out = np.asarray(overlay(image, mask, points=[[25, 15], [3, 17]], point_labels=[1, 0]))
+    assert out[7, 10].sum() > 0 and out[0, 29].sum() == 0  # tinted inside, untouched far outside
+    assert out[15, 25, 1] > 150 and out[15, 25, 0] < 100  # positive point green
+    assert out[17, 3, 0] > 150 and out[17, 3, 1] < 100  # negative point red
+
+
+def test_points_multimask_and_json_prompts_for_a_folder(tiny_model_dir, image_files, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in image_files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    prompts = {
+        image_files[0].name: {"points": [[[50, 60], [10, 10]]], "point_labels": [[1, 0]]},
+        image_files[1].stem: {"boxes": [[5, 5, 50, 50]], "points": [[[20, 20]]]},
+    }
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    args = PredictArguments(
+        model=str(tiny_model_dir), images=str(folder), output_dir=str(tmp_path / "out"),
+        prompts=str(tmp_path / "p.json"), multimask_output=True,
+    )  # fmt: skip
+    report = run_prediction(args)
+    assert set(report) == {f.name for f in image_files}
+    for f in image_files:
+        entry = report[f.name]
+        assert len(entry["scores"]) == 1 and len(entry["scores"][0]) == 3
+        for j in range(3):
+            assert (tmp_path / "out" / f.stem / f"mask_000_{j}.png").is_file()
+    direct = SamPredictor.from_pretrained(str(tiny_model_dir))(
+        Image.open(image_files[0]), points=[[[50, 60], [10, 10]]], point_labels=[[1, 0]], multimask_output=True
+    )
+    np.testing.assert_allclose(report[image_files[0].name]["scores"], direct.scores, atol=1e-6)
+
+
+def test_prediction_errors_name_the_problem(tiny_model_dir, image_files, tmp_path):
+    with pytest.raises(ValueError, match="item 1 '1,2,3' has 3 numbers, expected 4"):
+        parse_coordinates("0,0,5,5;1,2,3", 4, "boxes")
+    with pytest.raises(ValueError, match="Give prompts"):
+        PredictArguments(model="m", images="i")
+    with pytest.raises(ValueError, match="at most one box"):
+        run_prediction(
+            PredictArguments(
+                model=str(tiny_model_dir),
+                images=str(image_files[0]),
+                boxes="0,0,5,5;1,1,9,9",
+                points="3,3",
+                output_dir=str(tmp_path),
+            )  # fmt: skip
+        )
+    with pytest.raises(PromptError, match=rf"{image_files[0].name}: Box 0 lies|{image_files[0].name}: Box 0 \["):
+        run_prediction(
+            PredictArguments(
+                model=str(tiny_model_dir), images=str(image_files[0]), boxes="0,0,999,5", output_dir=str(tmp_path)
+            )
+        )
+    (tmp_path / "p.json").write_text(json.dumps({"other.png": {"boxes": [[0, 0, 5, 5]]}}))
+    with pytest.raises(ValueError, match="no entry for image"):
+        run_prediction(
+            PredictArguments(
+                model=str(tiny_model_dir),
+                images=str(image_files[0]),
+                prompts=str(tmp_path / "p.json"),
+                output_dir=str(tmp_path),
+            )  # fmt: skip
+        )
