@@ -86,6 +86,17 @@ class SamArguments:
     )
     freeze_vision_encoder: bool = field(default=True, metadata={"help": "Freeze the ViT image encoder."})
     freeze_prompt_encoder: bool = field(default=True, metadata={"help": "Freeze the prompt encoder."})
+    multimask_training: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train SAM's three multimask outputs and its IoU head: each object is prompted a second time "
+            "with one random point inside it (as automatic mask generation prompts), with the best-of-3 DiceCE and an "
+            "IoU-prediction loss. Makes pipeline('mask-generation') benefit from tuning; costs a second decoder pass."
+        },
+    )
+    iou_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the IoU-prediction (MSE) loss with --multimask_training."}
+    )
     lambda_dice: float = field(default=1.0, metadata={"help": "Weight of the Dice term of DiceCE."})
     lambda_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term of DiceCE."})
     early_stopping_patience: int | None = field(
@@ -119,6 +130,8 @@ class SamArguments:
             raise ValueError("--cache_embeddings needs --freeze_vision_encoder: a trained encoder changes embeddings.")
         if self.embedding_dtype not in ("float16", "float32"):
             raise ValueError(f"--embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}.")
+        if self.iou_loss_weight < 0:
+            raise ValueError(f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}.")
         if self.box_jitter < 0:
             raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
         if self.max_objects_per_image is not None and self.max_objects_per_image < 1:

@@ -376,6 +376,9 @@ class SamTransform:
         mask_type (`str`, *optional*, defaults to `"auto"`): see `mask_to_instances`.
         seed (`int`, *optional*): seed of the prompt-side randomness; each call draws fresh jitter and samples.
         with_instances (`bool`): also return the original-resolution instance map and the object ids, for metrics.
+        point_prompts (`bool`, *optional*, defaults to `False`): also return `input_points` `(K, 1, 2)` (one point
+            drawn uniformly from each object's pixels, in the resized frame) and `input_labels` `(K, 1)`, for
+            multimask training.
 
     When the dataset carries cached `image_embeddings` (see `sam_hf.cache`), they replace `pixel_values` and no image
     is decoded.
@@ -394,8 +397,10 @@ class SamTransform:
         mask_type: str = "auto",
         seed: int | None = None,
         with_instances: bool = False,
+        point_prompts: bool = False,
     ):
         self.processor = processor
+        self.point_prompts = point_prompts
         self.train = train
         self.box_jitter = box_jitter if train else 0.0
         self.max_objects_per_image = max_objects_per_image
@@ -423,6 +428,18 @@ class SamTransform:
             return np.sort(self.rng.choice(num_objects, size=k, replace=False))
         return np.arange(k)
 
+    def sample_points(self, instances: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """One xy point per object id, uniform over the object's pixels (pixel centres), as `(K, 4)` `[x, y, x, y]`
+        rows so that `scale_boxes` can map them."""
+        ys, xs = np.nonzero(instances)
+        owner = instances[ys, xs]
+        points = np.zeros((len(ids), 4), np.float64)
+        for k, obj in enumerate(ids):
+            where = np.flatnonzero(owner == obj)
+            j = where[self.rng.integers(len(where))]
+            points[k] = (xs[j], ys[j], xs[j], ys[j])
+        return points
+
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         cached = "image_embeddings" in batch
         image_key = "image_embeddings" if cached else "pixel_values"
@@ -430,6 +447,8 @@ class SamTransform:
         out: dict[str, list] = {k: [] for k in keys}
         if self.with_instances:
             out["instances"], out["object_ids"] = [], []
+        if self.point_prompts:
+            out["input_points"], out["input_labels"] = [], []
         for row in range(len(batch["boxes"])):
             if cached:
                 # Image side from the embedding cache: no image decoding at all.
@@ -450,6 +469,10 @@ class SamTransform:
             inst = torch.from_numpy(instances)
             masks = inst[None] == ids[:, None, None]
             out["input_boxes"].append(scale_boxes(boxes, original_size, reshaped_size))
+            if self.point_prompts:
+                points = self.sample_points(instances, keep + 1)
+                out["input_points"].append(scale_boxes(points, original_size, reshaped_size)[:, None, :2])
+                out["input_labels"].append(torch.ones(len(keep), 1, dtype=torch.long))
             out["labels"].append(resize_and_pad_masks(masks, self.mask_longest_edge, self.mask_pad))
             out["original_sizes"].append(torch.tensor(original_size))
             out["reshaped_input_sizes"].append(torch.tensor(reshaped_size))
@@ -470,8 +493,8 @@ def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int], reshaped_size
 class SamDataCollator:
     """Stack examples from `SamTransform`, padding the number of objects to the batch maximum.
 
-    Padded objects get an all-zero box, `-100` labels and object id 0. Instance maps are padded with background to the
-    largest image of the batch.
+    Padded objects get an all-zero box (and point), `-100` labels and object id 0. Instance maps are padded with
+    background to the largest image of the batch.
     """
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -485,10 +508,15 @@ class SamDataCollator:
             "original_sizes": torch.stack([f["original_sizes"] for f in features]),
             "reshaped_input_sizes": torch.stack([f["reshaped_input_sizes"] for f in features]),
         }
+        if "input_points" in features[0]:
+            batch["input_points"] = torch.zeros(len(features), k, 1, 2)
+            batch["input_labels"] = torch.ones(len(features), k, 1, dtype=torch.long)
         for i, f in enumerate(features):
             n = f["input_boxes"].shape[0]
             batch["input_boxes"][i, :n] = f["input_boxes"]
             batch["labels"][i, :n] = f["labels"]
+            if "input_points" in f:
+                batch["input_points"][i, :n] = f["input_points"]
         if "instances" in features[0]:
             h = max(f["instances"].shape[0] for f in features)
             w = max(f["instances"].shape[1] for f in features)

@@ -91,4 +91,5 @@ def render_model_card(trainer: Any, **info: Any) -> ModelCard:
         after={k: _fmt(after.get(k)) for k in ("dice", "iou")},
         num_eval_objects=after.get("num_objects") or before.get("num_objects"),
         box_baseline=_fmt(info.get("box_baseline_dice")),
+        multimask_training=bool(info.get("multimask_training")),
     )

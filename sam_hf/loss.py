@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceLoss
 
-__all__ = ["SamDiceCELoss"]
+__all__ = ["SamDiceCELoss", "multimask_loss"]
 
 
 class SamDiceCELoss(torch.nn.Module):
@@ -31,7 +32,17 @@ class SamDiceCELoss(torch.nn.Module):
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0 or lambda_dice + lambda_ce == 0:
             raise ValueError(f"lambda_dice and lambda_ce must be >= 0 and not both 0, got {lambda_dice}, {lambda_ce}.")
+        self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
         self.dice_ce = DiceCELoss(sigmoid=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce, reduction="mean")
+        self.dice = DiceLoss(sigmoid=True, reduction="none")
+
+    def per_object(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Unreduced loss `(N,)` of `N` objects, logits and labels `(N, m, m)`: the same Dice + BCE terms as `forward`
+        (whose value is the mean of this over the real objects)."""
+        logits, labels = logits[:, None].float(), labels[:, None].float()
+        dice = self.dice(logits, labels).flatten()
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").flatten(1).mean(1)
+        return self.lambda_dice * dice + self.lambda_ce * bce
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         if logits.shape != labels.shape or logits.dim() != 4:
@@ -44,3 +55,38 @@ class SamDiceCELoss(torch.nn.Module):
         if n == 0:
             return logits.sum() * 0.0, 0
         return self.dice_ce(logits[valid][:, None].float(), labels[valid][:, None].float()), n
+
+
+def multimask_loss(
+    loss_fn: SamDiceCELoss, logits: torch.Tensor, iou_scores: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Best-of-3 mask loss and IoU-prediction loss for SAM's multimask outputs, as SAM itself was trained.
+
+    Shapes:
+        - `logits`: `(B, K, 3, m, m)` mask logits (`multimask_output=True`).
+        - `iou_scores`: `(B, K, 3)` the IoU head's predictions.
+        - `labels`: `(B, K, m, m)` targets; padded objects are `-100`.
+
+    Returns:
+        `(mask_loss, iou_loss, num_objects)`: the mean over real objects of the lowest of the three candidates'
+        DiceCE (only the best candidate gets a gradient), and the mean squared error between each candidate's
+        predicted IoU and its actual IoU with the target (mask logit > 0 against label > 0.5).
+    """
+    if logits.dim() != 5 or logits.shape[:2] != labels.shape[:2] or logits.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(
+            f"Expected logits (B, K, C, m, m) and labels (B, K, m, m), got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}."
+        )
+    valid = labels[:, :, 0, 0] != -100
+    n = int(valid.sum())
+    if n == 0:
+        return logits.sum() * 0.0, iou_scores.sum() * 0.0, 0
+    logits, scores, labels = logits[valid], iou_scores[valid], labels[valid]  # (n, C, m, m), (n, C), (n, m, m)
+    c = logits.shape[1]
+    per = loss_fn.per_object(logits.flatten(0, 1), labels.repeat_interleave(c, 0)).view(-1, c)
+    with torch.no_grad():
+        pred, target = logits > 0, (labels > 0.5)[:, None]
+        inter = (pred & target).flatten(2).sum(-1).float()
+        union = (pred | target).flatten(2).sum(-1).float()
+        actual_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return per.min(dim=1).values.mean(), F.mse_loss(scores.float(), actual_iou), n

@@ -89,7 +89,9 @@ def run_training(
         model_args.model_name_or_path, model_args.model_revision, model_args.token, model_args.cache_dir
     )
     freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
-    freeze_unused_decoder_outputs(model)
+    if not sam_args.multimask_training:
+        # Box-only single-mask training never reaches the multimask outputs or the IoU head.
+        freeze_unused_decoder_outputs(model)
     params = count_parameters(model)
     logger.info("Parameters after freezing: %s", params)
 
@@ -140,6 +142,7 @@ def run_training(
             max_objects_per_image=sam_args.max_objects_per_image,
             mask_type=data_args.mask_type,
             seed=training_args.seed,
+            point_prompts=sam_args.multimask_training,
         )
     )
     if eval_ds is not None:
@@ -164,7 +167,14 @@ def run_training(
         "frozen_modules": frozen,
         "trainable_parameters": str(params),
         "loss": f"MONAI DiceCELoss(sigmoid=True), lambda_dice={sam_args.lambda_dice}, lambda_ce={sam_args.lambda_ce}, "
-        "on the low-resolution mask logits with multimask_output=False.",
+        "on the low-resolution mask logits with multimask_output=False"
+        + (
+            f"; plus, per object prompted with one random interior point and multimask_output=True, the best-of-3 "
+            f"DiceCE and an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g})."
+            if sam_args.multimask_training
+            else "."
+        ),
+        "multimask_training": sam_args.multimask_training,
         "prompt_recipe": f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training "
         f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
         f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact.",
@@ -187,6 +197,7 @@ def run_training(
         callbacks=callbacks,
         loss_fn=SamDiceCELoss(sam_args.lambda_dice, sam_args.lambda_ce),
         card_info=card_info,
+        iou_loss_weight=sam_args.iou_loss_weight,
     )
 
     all_metrics: dict[str, float] = {}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .loss import SamDiceCELoss
+from .loss import SamDiceCELoss, multimask_loss
 from .metrics import object_stats
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,11 @@ class SamTrainer(Trainer):
     `num_items_in_batch` (it counts label pixels that are not -100; every object has `m * m` of them). Batch 2 with
     accumulation 1 therefore gives the same update as batch 1 with accumulation 2, and `loss_is_scaled_for_ga` is set.
 
+    Multimask training: when a training batch also carries `input_points` (one point per object), a second decoder
+    call prompts each object with its point and `multimask_output=True`, as automatic mask generation does, and adds
+    the best-of-3 DiceCE and the IoU-prediction loss (`sam_hf.loss.multimask_loss`) to the box loss. All four mask
+    tokens and the IoU head then learn, so `pipeline("mask-generation")` benefits from the tuning.
+
     Evaluation: `prediction_step` returns, per object, the intersection, predicted area and ground-truth area at the
     original image resolution (as predictions, `(B, K, 2)`) and the ground-truth area (as labels, `(B, K)`), which
     `sam_hf.metrics.compute_metrics` turns into `eval_dice` and `eval_iou`.
@@ -38,6 +43,8 @@ class SamTrainer(Trainer):
         eval_chunk_size (`int`, *optional*, defaults to 64): objects upsampled to full resolution at
             once in evaluation.
         card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
+        iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction loss when batches carry
+            point prompts (`SamTransform(point_prompts=True)`, i.e. `--multimask_training`).
         All other arguments are those of `transformers.Trainer`.
     """
 
@@ -49,12 +56,14 @@ class SamTrainer(Trainer):
         loss_fn: SamDiceCELoss | None = None,
         eval_chunk_size: int = 64,
         card_info: dict | None = None,
+        iou_loss_weight: float = 1.0,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn if loss_fn is not None else SamDiceCELoss()
         self.eval_chunk_size = eval_chunk_size
         self.card_info = card_info or {}
+        self.iou_loss_weight = iou_loss_weight
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
 
@@ -67,6 +76,19 @@ class SamTrainer(Trainer):
         outputs = self._forward(model, inputs)
         logits = outputs.pred_masks[:, :, 0]
         loss, n_objects = self.loss_fn(logits, labels)
+        if "input_points" in inputs and model.training:
+            image_key = "image_embeddings" if "image_embeddings" in inputs else "pixel_values"
+            point_outputs = model(
+                **{image_key: inputs[image_key]},
+                input_points=inputs["input_points"],
+                input_labels=inputs["input_labels"],
+                multimask_output=True,
+            )
+            mask_loss, iou_loss, _ = multimask_loss(
+                self.loss_fn, point_outputs.pred_masks, point_outputs.iou_scores, labels
+            )
+            # All three terms are means over the same objects, so the scaling below applies to their sum.
+            loss = loss + mask_loss + self.iou_loss_weight * iou_loss
         if num_items_in_batch is not None:
             pixels_per_object = labels.shape[-1] * labels.shape[-2]
             loss = loss * (n_objects * pixels_per_object) / num_items_in_batch

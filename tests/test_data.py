@@ -242,3 +242,29 @@ def test_areas_and_fill_the_box_baseline_by_hand():
     ds = index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
     assert ds[0]["areas"] == [16, 7]
     assert box_baseline_dice(ds) == pytest.approx((1.0 + 14 / 15) / 2)
+
+
+def test_point_prompts_lie_inside_their_objects(nuclei_dir, tiny_model_dir):
+    from transformers import SamProcessor
+
+    from sam_hf.data import SamDataCollator
+
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    ds = index_objects(load_source(str(nuclei_dir))["train"].select(range(2)))
+    transform = SamTransform(processor, train=True, max_objects_per_image=5, point_prompts=True, seed=3)
+    batch = transform(ds[:2])
+    for row in range(2):
+        inst = mask_to_instances(ds[row]["label"])
+        h, w = inst.shape
+        rh, rw = (int(v) for v in batch["reshaped_input_sizes"][row])
+        pts = batch["input_points"][row][:, 0].numpy() * np.array([w / rw, h / rh])
+        boxes = batch["input_boxes"][row].numpy() * np.array([w / rw, h / rh, w / rw, h / rh])
+        for (x, y), box in zip(pts, boxes):
+            x, y = int(round(x)), int(round(y))
+            obj = inst[y, x]
+            assert obj > 0, "a point prompt fell on background"
+            x0, y0, x1, y1 = box  # the same object's (unjittered) box contains the point
+            assert x0 - 1e-3 <= x <= x1 + 1e-3 and y0 - 1e-3 <= y <= y1 + 1e-3
+        assert batch["input_labels"][row].tolist() == [[1]] * len(pts)
+    collated = SamDataCollator()([{k: v[i] for k, v in batch.items()} for i in range(2)])
+    assert collated["input_points"].shape == (2, 5, 1, 2) and collated["input_labels"].shape == (2, 5, 1)

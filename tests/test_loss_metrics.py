@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from sam_hf import SamDiceCELoss
+from sam_hf.loss import multimask_loss
 from sam_hf.metrics import compute_metrics, object_stats, scores_from_stats
 
 
@@ -33,6 +34,34 @@ def test_loss_matches_monai_and_hand_formula(lambda_dice, lambda_ce):
     monai = DiceCELoss(sigmoid=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)(lv[:, None], tv[:, None])
     torch.testing.assert_close(loss, monai)
     torch.testing.assert_close(loss, _reference(lv, tv, lambda_dice, lambda_ce), rtol=1e-5, atol=1e-6)
+
+
+def test_per_object_loss_averages_to_the_monai_loss():
+    torch.manual_seed(1)
+    logits, labels = torch.randn(4, 8, 8), (torch.rand(4, 8, 8) > 0.5).float()
+    fn = SamDiceCELoss(0.7, 1.3)
+    per = fn.per_object(logits, labels)
+    assert per.shape == (4,)
+    torch.testing.assert_close(per.mean(), fn(logits[None], labels[None])[0])
+    torch.testing.assert_close(per[2], _reference(logits[2:3], labels[2:3], 0.7, 1.3), rtol=1e-5, atol=1e-6)
+
+
+def test_multimask_loss_takes_the_best_candidate_and_real_iou():
+    labels = torch.zeros(1, 2, 4, 4)
+    labels[0, 0, :2, :2] = 1  # 4 px object
+    labels[0, 1] = -100  # padding
+    logits = torch.full((1, 2, 3, 4, 4), -20.0)
+    logits[0, 0, 1, :2, :2] = 20.0  # candidate 1: exact
+    logits[0, 0, 2, :2, :] = 20.0  # candidate 2: 8 px covering the object, IoU 4/8
+    scores = torch.tensor([[[0.1, 0.9, 0.3], [0.5, 0.5, 0.5]]])
+    fn = SamDiceCELoss()
+    mask_loss, iou_loss, n = multimask_loss(fn, logits, scores, labels)
+    assert n == 1
+    torch.testing.assert_close(mask_loss, fn.per_object(logits[0, 0, 1:2], labels[0, 0:1])[0])
+    # Actual IoUs: 0 (empty prediction), 1, 0.5.
+    torch.testing.assert_close(iou_loss, ((0.1 - 0.0) ** 2 + (0.9 - 1.0) ** 2 + (0.3 - 0.5) ** 2) / 3 * torch.ones(()))
+    with pytest.raises(ValueError, match="Expected logits"):
+        multimask_loss(fn, logits[:, :, 0], scores, labels)
 
 
 def test_loss_rejects_bad_shapes_and_weights():

@@ -32,13 +32,14 @@ def _two_image_dataset() -> datasets.Dataset:
     return index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
 
 
-def _one_step(model_dir, tmp_path, batch_size, accumulation):
+def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False):
     model = SamModel.from_pretrained(model_dir)
     processor = SamProcessor.from_pretrained(model_dir)
     freeze_modules(model)
-    freeze_unused_decoder_outputs(model)
+    if not multimask:
+        freeze_unused_decoder_outputs(model)
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}"),
+        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}{'m' if multimask else ''}"),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -53,7 +54,7 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation):
         label_names=["labels"],
         seed=0,
     )
-    train = _two_image_dataset().with_transform(SamTransform(processor, train=True))
+    train = _two_image_dataset().with_transform(SamTransform(processor, train=True, point_prompts=multimask, seed=0))
     trainer = SamTrainer(
         model=model,
         args=args,
@@ -204,3 +205,25 @@ def test_yaml_config_and_argument_errors(tmp_path):
                 "true",
             ]
         )
+
+
+def test_gradient_accumulation_with_multimask_training(tiny_model_dir, tmp_path):
+    """The point-prompted multimask terms are scaled like the box term: batch 2 == batch 1 x accumulation 2."""
+    base = {n: p.clone() for n, p in SamModel.from_pretrained(tiny_model_dir).mask_decoder.named_parameters()}
+    big_batch = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True)
+    accumulated = _one_step(tiny_model_dir, tmp_path, batch_size=1, accumulation=2, multimask=True)
+    box_only = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1)
+    # The IoU head learns from every candidate; a multimask token's hypernetwork only when its mask was the best of 3.
+    for part in (
+        "iou_prediction_head.",
+        "output_hypernetworks_mlps.1.",
+        "output_hypernetworks_mlps.2.",
+        "output_hypernetworks_mlps.3.",
+    ):
+        names = [n for n in base if n.startswith(part)]
+        assert all(torch.equal(base[n], box_only[n]) for n in names), f"{part} changed without multimask training"
+    changed = [n for n in base if not torch.equal(base[n], big_batch[n])]
+    assert any(n.startswith("iou_prediction_head.") for n in changed), "the IoU head did not learn"
+    assert any(n.startswith(tuple(f"output_hypernetworks_mlps.{k}." for k in (1, 2, 3))) for n in changed)
+    for n in base:
+        torch.testing.assert_close(big_batch[n], accumulated[n], rtol=1e-4, atol=1e-6, msg=n)
