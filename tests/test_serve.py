@@ -1,0 +1,402 @@
+"""The HTTP server against a real uvicorn on 127.0.0.1, driven with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+
+from sam_hf.inference import SamPredictor  # noqa: E402
+from sam_hf.serve import (  # noqa: E402
+    ServeSettings,
+    create_app,
+    decode_png_mask,
+    decode_rle,
+    encode_png_mask,
+    encode_rle,
+)
+
+# Small limits so that every limit can be crossed cheaply; the nuclei images are 256 x 256 = 65,536 pixels.
+SETTINGS = ServeSettings(
+    max_upload_bytes=1_000_000,
+    max_image_pixels=300 * 300,
+    max_prompts=16,
+    max_auto_points=6,
+    max_pending=64,
+    request_timeout_s=60.0,
+)
+
+
+class ThreadedServer:
+    """uvicorn in a background thread of this process, on a socket bound to a free port of 127.0.0.1."""
+
+    def __init__(self, app) -> None:
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it each
+        # response waits ~40 ms for a delayed ACK (Nagle).
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("The test server did not start; see the log above.")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.socket.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir) -> Iterator[ThreadedServer]:
+    with ThreadedServer(create_app(tiny_model_dir, settings=SETTINGS)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir) -> SamPredictor:
+    """The library call the server's answers must match."""
+    return SamPredictor.from_pretrained(str(tiny_model_dir))
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def nuclei_png(nuclei_dir) -> bytes:
+    return sorted((nuclei_dir / "images").glob("*.png"))[0].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def synthetic_png() -> bytes:
+    """A non-square grayscale image (exercises the resize-and-pad path and the RGB conversion)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 40, (120, 200), dtype=np.uint8)
+    pixels[30:80, 50:120] += 150
+    return _png_bytes(Image.fromarray(pixels))
+
+
+def _segment(client, image: bytes, prompts, mask_format: str | None = None, **kwargs) -> httpx.Response:
+    params = {"mask_format": mask_format} if mask_format else None
+    text = prompts if isinstance(prompts, str) else json.dumps(prompts)
+    return client.post(
+        "/segment", params=params, files={"image": ("image.png", image, "image/png")}, data={"prompts": text}, **kwargs
+    )
+
+
+def _decode_masks(body: dict) -> np.ndarray:
+    decode = decode_rle if body["mask_format"] == "rle" else decode_png_mask
+    return np.stack([np.stack([decode(m) for m in per_prompt]) for per_prompt in body["masks"]])
+
+
+def _expected(predictor: SamPredictor, image: bytes, prompts: dict):
+    predictor.set_image(Image.open(io.BytesIO(image)))
+    kwargs = {k: v for k, v in prompts.items() if k != "multimask_output"}
+    return predictor.predict(**kwargs, multimask_output=prompts.get("multimask_output", False))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width x height` pixels in a few dozen bytes (a decompression bomb's header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_rle_matches_coco_layout_and_round_trips():
+    # Column-major runs starting with background: the 2 x 3 mask [[0, 1, 1], [0, 1, 0]] flattens to 0 0 1 1 1 0.
+    mask = np.array([[0, 1, 1], [0, 1, 0]], bool)
+    assert encode_rle(mask) == {"size": [2, 3], "counts": [2, 3, 1]}
+    assert encode_rle(np.ones((2, 2), bool)) == {"size": [2, 2], "counts": [0, 4]}
+    assert encode_rle(np.zeros((3, 2), bool)) == {"size": [3, 2], "counts": [6]}
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (7, 5), (64, 33)]:
+        for density in (0.0, 0.3, 1.0):
+            m = rng.random(shape) < density
+            np.testing.assert_array_equal(decode_rle(encode_rle(m)), m)
+            np.testing.assert_array_equal(decode_png_mask(encode_png_mask(m)), m)
+    with pytest.raises(ValueError, match="sum to"):
+        decode_rle({"size": [2, 2], "counts": [1, 2]})
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="max_prompts must be a positive integer"):
+        ServeSettings(max_prompts=0)
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        ServeSettings(request_timeout_s=float("nan"))
+    assert ServeSettings(max_image_pixels=40e6).max_image_pixels == 40_000_000
+
+
+def test_cli_serve_flags(capsys, monkeypatch):
+    from sam_hf.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    assert "--max-prompts" in capsys.readouterr().out
+    monkeypatch.setenv("SAM_HF_MODEL", "/models/tuned")
+    args = build_parser().parse_args(["serve", "--max-prompts", "8", "--max-image-pixels", "4e6", "--port", "9000"])
+    assert (args.model, args.max_prompts, args.max_image_pixels, args.port) == ("/models/tuned", 8, 4_000_000, 9000)
+    assert args.request_timeout_s == ServeSettings().request_timeout_s
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-prompts", "0"])
+
+
+def test_health(client, tiny_model_dir):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"model": os.fspath(tiny_model_dir), "device": "cpu", "ready": True}
+
+
+BOXES = [[10.0, 12.0, 90.0, 80.0], [100.0, 40.0, 180.0, 110.0], [0.0, 0.0, 200.0, 120.0]]
+POINTS = [[[40.0, 40.0], [5.0, 5.0]], [[140.0, 70.0], [120.0, 60.0]], [[190.0, 20.0], [10.0, 110.0]]]
+LABELS = [[1, 0], [1, 1], [1, 0]]
+
+
+@pytest.mark.parametrize("mask_format", ["rle", "png"])
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        {"boxes": BOXES},
+        {"points": POINTS, "point_labels": LABELS, "multimask_output": True},
+        {"boxes": BOXES, "points": POINTS, "point_labels": LABELS},
+        {"boxes": BOXES[:1], "multimask_output": True},
+    ],
+    ids=["boxes", "points-multimask", "boxes+points", "one-box-multimask"],
+)
+def test_segment_is_bit_identical_to_the_library(client, predictor, synthetic_png, prompts, mask_format):
+    response = _segment(client, synthetic_png, prompts, mask_format)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"], body["mask_format"]) == (200, 120, mask_format)
+    expected = _expected(predictor, synthetic_png, prompts)
+    masks = _decode_masks(body)
+    n = len(prompts["boxes"]) if "boxes" in prompts else len(prompts["points"])
+    assert masks.shape == expected.masks.shape == (n, 3 if prompts.get("multimask_output") else 1, 120, 200)
+    np.testing.assert_array_equal(masks, expected.masks)
+    np.testing.assert_array_equal(np.asarray(body["scores"], np.float32), expected.scores)
+
+
+def test_mask_format_as_form_field(client, predictor, nuclei_png):
+    prompts = {"boxes": [[20, 30, 120, 140]]}
+    response = client.post(
+        "/segment",
+        files={"image": ("cells.png", nuclei_png, "image/png")},
+        data={"prompts": json.dumps(prompts), "mask_format": "png"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["mask_format"] == "png"
+    np.testing.assert_array_equal(_decode_masks(response.json()), _expected(predictor, nuclei_png, prompts).masks)
+
+
+def _bad_requests(nuclei_png: bytes, synthetic_png: bytes) -> list[tuple[str, dict, int, str]]:
+    """(name, httpx.post kwargs for /segment, expected status, text the detail must contain)."""
+    box = {"boxes": [[10, 10, 50, 50]]}
+
+    def multipart(image: bytes = nuclei_png, prompts=box, filename: str = "image.png") -> dict:
+        text = prompts if isinstance(prompts, str) else json.dumps(prompts)
+        return {"files": {"image": (filename, image, "image/png")}, "data": {"prompts": text}}
+
+    big = Image.fromarray(np.zeros((400, 400), np.uint8))  # 160,000 pixels > 90,000
+    chunks = (b"x" * 100_000 for _ in range(15))  # 1.5 MB without Content-Length
+    return [
+        ("non-image bytes", multipart(b"this is not an image at all"), 400, "not an image"),
+        ("truncated image", multipart(nuclei_png[: len(nuclei_png) // 2]), 400, "truncated"),
+        ("empty image", multipart(b""), 400, "empty"),
+        ("too many pixels", multipart(_png_bytes(big)), 413, "max_image_pixels"),
+        ("decompression bomb", multipart(_png_header_only(60_000, 60_000)), 413, "max_image_pixels"),
+        ("body over the limit", multipart(b"\0" * 1_200_000), 413, "max_upload_bytes"),
+        (
+            "chunked body over the limit",
+            {"content": chunks, "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+            413,
+            "max_upload_bytes",
+        ),
+        ("malformed JSON", multipart(prompts='{"boxes": [[1, 2, 3, 4]'), 400, "not valid JSON"),
+        ("JSON that is not an object", multipart(prompts="[[1, 2, 3, 4]]"), 422, "JSON object"),
+        ("unknown prompt key", multipart(prompts={"box": [[1, 2, 3, 4]]}), 422, "Unknown key"),
+        ("no prompt", multipart(prompts={}), 422, "at least one prompt"),
+        ("box outside the image", multipart(prompts={"boxes": [[10, 10, 300, 50]]}), 422, "outside"),
+        ("inverted box", multipart(prompts={"boxes": [[50, 50, 10, 60]]}), 422, "inverted"),
+        ("NaN box", multipart(prompts='{"boxes": [[1, 2, NaN, 4]]}'), 422, "NaN"),
+        ("huge number", multipart(prompts='{"boxes": [[1, 2, 3, 1' + "0" * 400 + "]]}"), 422, "too large"),
+        ("deeply nested JSON", multipart(prompts="[" * 100_000), 400, "nested too deeply"),
+        ("point outside", multipart(prompts={"points": [[[10, 300]]]}), 422, "outside"),
+        ("bad point label", multipart(prompts={"points": [[[10, 30]]], "point_labels": [[2]]}), 422, "point_labels"),
+        ("multimask not a bool", multipart(prompts={**box, "multimask_output": "yes"}), 422, "multimask_output"),
+        ("too many prompts", multipart(prompts={"boxes": [[1, 1, 9, 9]] * 17}), 422, "max_prompts = 16"),
+        ("JSON body", {"json": {"prompts": box}}, 415, "multipart/form-data"),
+        ("form-urlencoded body", {"data": {"prompts": "{}"}}, 415, "multipart/form-data"),
+        (
+            "multipart without a boundary",
+            {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "boundary",
+        ),
+        ("no image part", {"files": {"prompts": ("p.json", json.dumps(box), "application/json")}}, 422, "`image`"),
+        ("image as text", {"files": {"x": ("x", b"", "text/plain")}, "data": {"image": "abc"}}, 422, "file part"),
+        ("no prompts part", {"files": {"image": ("i.png", nuclei_png, "image/png")}}, 422, "`prompts`"),
+        ("unknown mask_format", {**multipart(), "params": {"mask_format": "jpeg"}}, 422, "mask_format"),
+    ]
+
+
+def test_bad_input_gets_a_helpful_4xx(client, server, predictor, nuclei_png, synthetic_png):
+    failures = []
+    for name, kwargs, status, text in _bad_requests(nuclei_png, synthetic_png):
+        try:
+            response = client.post("/segment", **kwargs)
+        except httpx.TransportError as err:  # the server must answer, not drop the connection
+            failures.append(f"{name}: {type(err).__name__} {err}")
+            continue
+        detail = response.json().get("detail") if response.headers.get("content-type") == "application/json" else None
+        if response.status_code != status or not isinstance(detail, str) or text not in detail:
+            failures.append(f"{name}: expected {status} with {text!r}, got {response.status_code} {response.text!r}")
+    assert not failures, "\n".join(failures)
+    # The server still answers, and correctly, after all of that (on a fresh connection as well).
+    prompts = {"boxes": BOXES[:2]}
+    for c in (client, httpx.Client(base_url=server.url, timeout=60)):
+        response = _segment(c, synthetic_png, prompts)
+        assert response.status_code == 200, response.text
+        np.testing.assert_array_equal(
+            _decode_masks(response.json()), _expected(predictor, synthetic_png, prompts).masks
+        )
+    assert client.get("/health").json()["ready"] is True
+
+
+def test_burst_of_50_concurrent_requests(server, predictor, nuclei_png):
+    # A different box per request, so that an answer given to the wrong request would be caught.
+    boxes = [[float(3 * i), float(2 * i), float(3 * i + 30 + i), float(2 * i + 50)] for i in range(50)]
+    assert max(b[2] for b in boxes) <= 256 and max(b[3] for b in boxes) <= 256
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        "/segment",
+                        files={"image": ("cells.png", nuclei_png, "image/png")},
+                        data={"prompts": json.dumps({"boxes": [box]})},
+                    )
+                    for box in boxes
+                )
+            )
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 50, [r.text for r in responses if r.status_code != 200]
+    # The same input as each request: one box. (Decoding all 50 boxes in one batch may flip a pixel whose logit is
+    # within float noise of the threshold, so that is not the same input.)
+    predictor.set_image(Image.open(io.BytesIO(nuclei_png)))
+    for i, (box, response) in enumerate(zip(boxes, responses)):
+        expected = predictor.predict(boxes=[box])
+        body = response.json()
+        np.testing.assert_array_equal(_decode_masks(body), expected.masks, err_msg=f"request {i}")
+        np.testing.assert_array_equal(np.asarray(body["scores"], np.float32), expected.scores)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc (Linux)")
+def test_memory_is_flat_over_200_requests(client, nuclei_png):
+    """The server runs in this process, so this process's RSS is the server's (plus a client that keeps nothing).
+
+    Bound: 50 MB. One request holds well under 1 MB (a 256 x 256 image, 4 masks, their RLE and JSON), so 200
+    requests that each leaked their input or output would add about 50-100 MB, and a leaked image embedding
+    (64 x 16 x 16 floats) or torch graph per request would add more. Allocator noise after warm-up (glibc arenas for
+    the worker threads, torch's caching) stays within a few MB, far below the bound.
+    """
+    prompts = {"boxes": BOXES, "points": POINTS, "point_labels": LABELS}
+    for i in range(20):  # warm-up: every worker thread, both mask formats, allocator pools
+        assert _segment(client, nuclei_png, prompts, "rle" if i % 2 else "png").status_code == 200
+    before = _rss_bytes()
+    for i in range(200):
+        assert _segment(client, nuclei_png, prompts, "rle" if i % 2 else "png").status_code == 200
+    growth = _rss_bytes() - before
+    print(f"RSS growth over 200 requests: {growth / 2**20:.1f} MiB")
+    assert growth < 50 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 200 requests"
+
+
+def test_segment_auto(client, nuclei_png, synthetic_png):
+    for image, (width, height) in [(nuclei_png, (256, 256)), (synthetic_png, (200, 120))]:
+        for mask_format in ("rle", "png"):
+            response = client.post(
+                "/segment/auto",
+                params={
+                    "points_per_side": 4,
+                    "mask_format": mask_format,
+                    "pred_iou_thresh": 0.0,  # a random model's IoU predictions are low; keep its masks
+                    "stability_score_thresh": 0.0,
+                },
+                files={"image": ("image.png", image, "image/png")},
+            )
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert (body["width"], body["height"], body["points_per_side"]) == (width, height, 4)
+            assert 1 <= len(body["masks"]) == len(body["scores"]) <= 3 * 4**2
+            decode = decode_rle if mask_format == "rle" else decode_png_mask
+            for mask in body["masks"]:
+                assert decode(mask).shape == (height, width)
+    over_cap = client.post(
+        "/segment/auto", params={"points_per_side": 7}, files={"image": ("i.png", nuclei_png, "image/png")}
+    )
+    assert over_cap.status_code == 422 and "max_auto_points = 6" in over_cap.json()["detail"]
+    not_an_image = client.post("/segment/auto", files={"image": ("i.png", b"GIF89a...", "image/gif")})
+    assert not_an_image.status_code == 400 and "image" in not_an_image.json()["detail"]
+
+
+def test_timeout_gives_504_and_the_server_recovers(tiny_model_dir, nuclei_png):
+    # No request can decode an image and run a SAM model in a microsecond, so every model request times out.
+    settings = ServeSettings(request_timeout_s=1e-6, max_image_pixels=SETTINGS.max_image_pixels)
+    with ThreadedServer(create_app(tiny_model_dir, settings=settings)) as slow, httpx.Client(base_url=slow.url) as c:
+        for _ in range(3):
+            response = _segment(c, nuclei_png, {"boxes": BOXES[:1]}, timeout=30)
+            assert response.status_code == 504
+            assert "request_timeout_s" in response.json()["detail"]
+        response = c.post(
+            "/segment/auto", params={"points_per_side": 2}, files={"image": ("i.png", nuclei_png, "image/png")}
+        )
+        assert response.status_code == 504
+        assert c.get("/health").json()["ready"] is True
