@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import io
 import json
 import logging
@@ -61,8 +62,10 @@ IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
 PROMPT_KEYS = ("boxes", "points", "point_labels", "multimask_output")
 #: Float32 elements of up-sampled mask logits held at once while post-processing (128 MB); bounds the chunk size.
 _CHUNK_ELEMENTS = 2**25
-#: Largest non-file multipart field (the `prompts` JSON).
+#: Largest non-file multipart field (the `prompts` JSON); starlette's default, set explicitly where it can be.
 _MAX_FIELD_BYTES = 1024 * 1024
+# `Request.form(max_part_size=...)` exists from starlette 0.44 on.
+_FORM_TAKES_PART_SIZE = "max_part_size" in inspect.signature(Request.form).parameters
 
 MaskFormat = Literal["rle", "png"]
 _MaskFormatQuery = Annotated[
@@ -313,11 +316,12 @@ async def _read_form(request: Request, settings: ServeSettings, expected: str) -
         sent, data, body = True, body, b""
         return {"type": "http.request", "body": data, "more_body": False}
 
+    limits = {"max_files": 2, "max_fields": 8}
+    if _FORM_TAKES_PART_SIZE:
+        limits["max_part_size"] = _MAX_FIELD_BYTES
     try:
-        return await Request(request.scope, replay).form(max_files=2, max_fields=8, max_part_size=_MAX_FIELD_BYTES)
-    except HTTPException:
-        raise
-    except Exception as err:  # python-multipart's own errors for malformed bodies
+        return await Request(request.scope, replay).form(**limits)
+    except ValueError as err:  # python-multipart's parse errors, if starlette lets one through
         raise HTTPException(400, f"The multipart body could not be parsed: {err}") from err
 
 
