@@ -19,6 +19,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import object_metrics
+
+if not hasattr(evaluate, "load"):
+    raise ImportError(
+        f"`import evaluate` found {getattr(evaluate, '__file__', evaluate)!r}, not the evaluate library: a file named "
+        "evaluate.py on the import path (such as scripts/evaluate.py when its folder is on sys.path) shadows it."
+    )
 from .cache import _hash_tensors
 from .config import DataArguments
 from .data import index_objects, jitter_boxes, load_source, mask_to_instances, split_source, to_rgb_array
@@ -28,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EvaluateArguments",
+    "evaluate_automatic",
     "evaluate_models",
     "load_object_metrics",
     "parse_model_specs",
@@ -66,6 +73,21 @@ class EvaluateArguments:
     chunk_size: int = field(default=64, metadata={"help": "Prompts decoded and upsampled at once."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; defaults to cuda if available."})
     num_figure_images: int = field(default=4, metadata={"help": "Images in the base-vs-tuned figure (0 = none)."})
+    automatic: bool = field(
+        default=False,
+        metadata={
+            "help": "Also evaluate automatic mask generation (pipeline('mask-generation')): per ground-truth object "
+            "the best IoU of any generated mask, recall and precision at IoU 0.5."
+        },
+    )
+    points_per_crop: int = field(default=16, metadata={"help": "Automatic mode: points per side of the point grid."})
+    pred_iou_thresh: float = field(
+        default=0.88,
+        metadata={"help": "Automatic mode: keep masks whose predicted IoU reaches this (pipeline default)."},
+    )
+    stability_score_thresh: float = field(
+        default=0.95, metadata={"help": "Automatic mode: keep masks at least this stable (pipeline default)."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Hub download cache."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models or data; never logged."})
 
@@ -189,6 +211,80 @@ def evaluate_models(
     return {"objects": objects, "figure_samples": samples}
 
 
+def _iou_matrix(generated: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU of every generated mask `(M, H, W)` with every ground-truth mask `(K, H, W)` -> `(M, K)`."""
+    g = generated.reshape(len(generated), -1).astype(np.float32)
+    t = gt.reshape(len(gt), -1).astype(np.float32)
+    inter = g @ t.T
+    union = g.sum(1)[:, None] + t.sum(1)[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def evaluate_automatic(
+    models: dict[str, Any],
+    dataset: datasets.Dataset,
+    mask_type: str = "auto",
+    points_per_crop: int = 16,
+    pred_iou_thresh: float = 0.88,
+    stability_score_thresh: float = 0.95,
+    device: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score `pipeline("mask-generation")` against the ground-truth objects.
+
+    Args:
+        models (`dict`): name -> model directory, Hub id or `SamPredictor` (its model and processor are used).
+        dataset (`datasets.Dataset`): `image` and `label` columns.
+        points_per_crop (`int`, *optional*, defaults to 16): points per side of the prompt grid.
+        pred_iou_thresh (`float`, *optional*, defaults to 0.88): the pipeline's predicted-IoU filter.
+        stability_score_thresh (`float`, *optional*, defaults to 0.95): the pipeline's stability filter.
+
+    Returns:
+        Per model: `num_masks` (generated, all images), `mean_best_iou` (per ground-truth object, the best IoU of any
+        generated mask, 0 if none), `recall@0.5` (objects matched at IoU >= 0.5) and `precision@0.5` (generated masks
+        matching some object at IoU >= 0.5).
+    """
+    from PIL import Image
+    from transformers import pipeline
+
+    out = {}
+    for name, model in models.items():
+        if isinstance(model, SamPredictor):
+            kwargs = {"model": model.model, "image_processor": model.processor.image_processor}
+        else:
+            kwargs = {"model": str(model)}
+        generator = pipeline("mask-generation", device=device, **kwargs)
+        best, matched, num_masks = [], 0, 0
+        for idx in tqdm(range(len(dataset)), desc=f"Automatic masks ({name})", unit="image"):
+            row = dataset[idx]
+            instances = mask_to_instances(row["label"], mask_type)
+            ids = np.arange(1, int(instances.max()) + 1)
+            gt = instances[None] == ids[:, None, None]
+            result = generator(
+                Image.fromarray(to_rgb_array(row["image"])),
+                points_per_crop=points_per_crop,
+                pred_iou_thresh=pred_iou_thresh,
+                stability_score_thresh=stability_score_thresh,
+            )
+            masks = np.stack([np.asarray(m, bool) for m in result["masks"]]) if len(result["masks"]) else None
+            if masks is None:
+                best.extend([0.0] * len(ids))
+                continue
+            iou = _iou_matrix(masks, gt)
+            best.extend(iou.max(0).tolist())
+            matched += int((iou.max(1) >= 0.5).sum())
+            num_masks += len(masks)
+        best_arr = np.asarray(best)
+        out[name] = {
+            "num_masks": num_masks,
+            "num_objects": len(best_arr),
+            "mean_best_iou": float(best_arr.mean()),
+            "recall@0.5": float((best_arr >= 0.5).mean()),
+            "precision@0.5": float(matched / num_masks) if num_masks else 0.0,
+        }
+        logger.info("Automatic masks, %s: %s", name, out[name])
+    return out
+
+
 def summarize(objects: list[dict[str, Any]], model_names: list[str]) -> dict[str, Any]:
     """Mean / median / count per model, per-image means, and size terciles (edges from ground-truth areas)."""
     areas = np.array([o["area"] for o in objects], np.float64)
@@ -269,6 +365,22 @@ def to_markdown(summary: dict[str, Any]) -> str:
     for j, row in enumerate(next(iter(per_image.values()))):
         cells = [f"{per_image[name][j]['dice']:.4f}" for name in models]
         lines.append(f"| {row['name']} | {row['num_objects']} | " + " | ".join(cells) + " |")
+    if "automatic" in summary:
+        st = summary["automatic_settings"]
+        lines += [
+            "",
+            f"Automatic mask generation (pipeline('mask-generation'), {st['points_per_crop']}x{st['points_per_crop']} "
+            f"points, pred_iou_thresh {st['pred_iou_thresh']}, "
+            f"stability_score_thresh {st['stability_score_thresh']}):",
+            "",
+            "| model | masks | mean best IoU per object | recall@0.5 | precision@0.5 |",
+            "|---|---|---|---|---|",
+        ]
+        for name, a in summary["automatic"].items():
+            lines.append(
+                f"| {name} | {a['num_masks']} | {a['mean_best_iou']:.4f} | {a['recall@0.5']:.4f} | "
+                f"{a['precision@0.5']:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -323,6 +435,21 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
         jitter_seed=eval_args.jitter_seed if eval_args.box_jitter else None,
         model_paths=models,
     )
+    if eval_args.automatic:
+        summary["automatic"] = evaluate_automatic(
+            predictors,
+            dataset,
+            mask_type=data_args.mask_type,
+            points_per_crop=eval_args.points_per_crop,
+            pred_iou_thresh=eval_args.pred_iou_thresh,
+            stability_score_thresh=eval_args.stability_score_thresh,
+            device=device,
+        )
+        summary["automatic_settings"] = {
+            "points_per_crop": eval_args.points_per_crop,
+            "pred_iou_thresh": eval_args.pred_iou_thresh,
+            "stability_score_thresh": eval_args.stability_score_thresh,
+        }
     out = Path(eval_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -26,6 +26,14 @@ HYPERPARAMETERS = (
 )
 
 
+# Figures the card embeds when they exist in the output dir at rendering time, with their captions.
+FIGURES = (
+    ("loss_curves.png", "Training and evaluation loss, and evaluation Dice"),
+    ("eval_predictions.png", "Fine-tuned predictions against the ground truth on evaluation images"),
+    ("base_vs_tuned.png", "Base and fine-tuned model on the same images and prompts"),
+)
+
+
 def model_card_template() -> Path:
     """Path of the card template, `model_card.md` at the top of the source tree (sam_hf is installed editable)."""
     path = Path(__file__).resolve().parent.parent / "model_card.md"
@@ -92,4 +100,6 @@ def render_model_card(trainer: Any, **info: Any) -> ModelCard:
         num_eval_objects=after.get("num_objects") or before.get("num_objects"),
         box_baseline=_fmt(info.get("box_baseline_dice")),
         multimask_training=bool(info.get("multimask_training")),
+        figures=[name for name, _ in FIGURES if (Path(args.output_dir) / name).is_file()],
+        figure_captions=dict(FIGURES),
     )

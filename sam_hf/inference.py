@@ -59,8 +59,10 @@ def _as_array(value: Any, name: str, last_dim: int | None) -> np.ndarray | None:
         return None
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise PromptError(f"`{name}` must be numeric, got {value!r}.") from err
+    except (TypeError, ValueError, OverflowError) as err:
+        raise PromptError(f"`{name}` must be numeric, got {str(value)[:100]!r}.") from err
+    if arr.size == 0:
+        raise PromptError(f"`{name}` is empty; leave it out or give at least one prompt.")
     if last_dim is not None and (arr.ndim == 0 or arr.shape[-1] != last_dim):
         raise PromptError(f"`{name}` must have a last dimension of {last_dim}, got shape {arr.shape}.")
     return arr
@@ -84,17 +86,17 @@ def validate_prompts(
         `(boxes (N, 4), points (N, P, 2), point_labels (N, P))`, any of them `None` if not given.
 
     Raises:
-        `PromptError`: with the index of the offending prompt for NaN or infinite coordinates, boxes or points
-        outside `[0, width] x [0, height]`, inverted boxes (`x1 < x0` or `y1 < y0`), labels other than 0 and 1,
-        mismatched counts, or no prompt at all.
+        PromptError: with the index of the offending prompt for NaN or infinite coordinates, boxes or points
+            outside `[0, width] x [0, height]`, inverted boxes (`x1 < x0` or `y1 < y0`), labels other than 0 and 1,
+            mismatched counts, or no prompt at all.
     """
     height, width = image_size
     boxes = _as_array(boxes, "boxes", 4)
     points = _as_array(points, "points", 2)
     labels = _as_array(point_labels, "point_labels", None)
+    if labels is not None and points is None:
+        raise PromptError("`point_labels` were given without `points`.")
     if boxes is None and points is None:
-        if labels is not None:
-            raise PromptError("`point_labels` were given without `points`.")
         raise PromptError("Give at least one prompt: `boxes` and/or `points`.")
     if boxes is not None:
         boxes = boxes.reshape(-1, 4) if boxes.ndim == 1 else boxes

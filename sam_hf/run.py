@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import transformers
+import yaml
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
 from .cache import add_image_embeddings
@@ -23,7 +25,7 @@ from .trainer import SamTrainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["box_baseline_dice", "parse_args", "run_training"]
+__all__ = ["box_baseline_dice", "config_to_argv", "parse_args", "run_training", "write_figures"]
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SamArguments, TrainingArguments)
 
@@ -31,14 +33,30 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, SamArguments, TrainingArgumen
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, SamArguments, TrainingArguments]:
-    """Parse the command line, or a single `.yaml` / `.json` config path given as the only argument."""
+    """Parse the command line, or a `.yaml` / `.json` config path given first, optionally followed by flags that
+    override it (`train.py configs/demo.yaml --output_dir runs/other --max_steps 100`)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = os.path.abspath(argv[0])
+        if len(argv) == 1:
+            load = parser.parse_json_file if path.endswith(".json") else parser.parse_yaml_file
+            return load(path)
+        argv = config_to_argv(path) + list(argv[1:])
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def config_to_argv(path: str) -> list[str]:
+    """A `.yaml` / `.json` config as command-line flags, so that flags given after it override its values."""
+    with open(path) as f:
+        config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"Config {path} must hold a mapping of argument names to values.")
+    argv: list[str] = []
+    for key, value in config.items():
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return argv
 
 
 def box_baseline_dice(dataset: datasets.Dataset) -> float:
@@ -51,6 +69,32 @@ def box_baseline_dice(dataset: datasets.Dataset) -> float:
     areas = np.concatenate([np.asarray(a, np.float64) for a in dataset["areas"]])
     box_areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
     return float(np.mean(2 * areas / (areas + box_areas)))
+
+
+def write_figures(
+    trainer: SamTrainer, processor, eval_images: datasets.Dataset | None, mask_type: str = "auto"
+) -> list[Path]:
+    """Write `loss_curves.png` and `eval_predictions.png` (tuned model against ground truth on up to 4 eval images)
+    to the output dir; skipped with a warning when matplotlib (`sam_hf[viz]`) is missing."""
+    try:
+        from .viz import plot_base_vs_tuned, plot_loss_curves, save_figure
+    except ImportError as err:
+        logger.warning("No figures written: %s (install sam_hf[viz]).", err)
+        return []
+    from .evaluation import evaluate_models
+    from .inference import SamPredictor
+
+    out = Path(trainer.args.output_dir)
+    written = [save_figure(plot_loss_curves(out), out / "loss_curves.png")]
+    if eval_images is not None and len(eval_images):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        predictor = SamPredictor(model, processor)
+        result = evaluate_models({"tuned": predictor}, eval_images, mask_type, num_figure_images=len(eval_images))
+        written.append(save_figure(plot_base_vs_tuned(result["figure_samples"]), out / "eval_predictions.png"))
+        model.train(was_training)
+    logger.info("Wrote %s", ", ".join(p.name for p in written))
+    return written
 
 
 def _setup_logging(training_args: TrainingArguments) -> None:
@@ -131,7 +175,11 @@ def run_training(
             )
             train_ds = embed(train_ds, split_name="train").remove_columns("image")
             if eval_ds is not None:
-                eval_ds = embed(eval_ds, split_name="eval").remove_columns("image")
+                eval_ds = embed(eval_ds, split_name="eval")
+        # A few raw eval images for the prediction figure (the cached split drops its image column below).
+        figure_images = eval_ds.select(range(min(4, len(eval_ds)))) if eval_ds is not None else None
+        if eval_ds is not None and "image_embeddings" in eval_ds.column_names:
+            eval_ds = eval_ds.remove_columns("image")
 
     box_baseline = box_baseline_dice(eval_ds) if eval_ds is not None else None
     train_ds = train_ds.with_transform(
@@ -226,6 +274,8 @@ def run_training(
         card_info["metrics_after"] = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         all_metrics.update(metrics)
 
+    if trainer.is_world_process_zero():
+        write_figures(trainer, processor, figure_images, data_args.mask_type)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -34,6 +35,9 @@ class SamTrainer(Trainer):
     the best-of-3 DiceCE and the IoU-prediction loss (`sam_hf.loss.multimask_loss`) to the box loss. All four mask
     tokens and the IoU head then learn, so `pipeline("mask-generation")` benefits from the tuning.
 
+    Hub token: a `--hub_token` is moved to the `HF_TOKEN` environment variable of this process before the Trainer
+    starts, so that it is never pickled into `training_args.bin` (which `push_to_hub` uploads).
+
     Evaluation: `prediction_step` returns, per object, the intersection, predicted area and ground-truth area at the
     original image resolution (as predictions, `(B, K, 2)`) and the ground-truth area (as labels, `(B, K)`), which
     `sam_hf.metrics.compute_metrics` turns into `eval_dice` and `eval_iou`.
@@ -45,7 +49,7 @@ class SamTrainer(Trainer):
         card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
         iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction loss when batches carry
             point prompts (`SamTransform(point_prompts=True)`, i.e. `--multimask_training`).
-        All other arguments are those of `transformers.Trainer`.
+        **kwargs: all other arguments are those of `transformers.Trainer`.
     """
 
     loss_is_scaled_for_ga = True
@@ -59,6 +63,13 @@ class SamTrainer(Trainer):
         iou_loss_weight: float = 1.0,
         **kwargs: Any,
     ):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.hub_token:
+            # Trainer pickles its TrainingArguments into every checkpoint (training_args.bin), and push_to_hub uploads
+            # it: a --hub_token kept there would be published. huggingface_hub reads HF_TOKEN instead.
+            os.environ["HF_TOKEN"] = training_args.hub_token
+            training_args.hub_token = None
+            logger.info("--hub_token moved to the HF_TOKEN environment variable; it is not saved with the model.")
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn if loss_fn is not None else SamDiceCELoss()
         self.eval_chunk_size = eval_chunk_size

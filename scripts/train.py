@@ -8,7 +8,13 @@
 Every flag of `sam_hf.config` and of `transformers.TrainingArguments` is accepted.
 """
 
-from sam_hf.run import parse_args, run_training
+import sys
+from pathlib import Path
+
+# scripts/evaluate.py shares its name with the `evaluate` library; keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from sam_hf.run import parse_args, run_training  # noqa: E402
 
 
 def main() -> None:

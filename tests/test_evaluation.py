@@ -170,3 +170,29 @@ def test_evaluate_script_writes_json_and_markdown(tiny_model_dir, trained_run, n
     lines = (out / "per_object.jsonl").read_text().splitlines()
     assert len(lines) == summary["num_objects"]
     assert "| tuned |" in proc.stdout
+
+
+def test_automatic_mask_evaluation_against_numpy(eval_images, tiny_model_dir):
+    from transformers import pipeline
+
+    from sam_hf.evaluation import evaluate_automatic
+
+    subset = eval_images.select(range(1))
+    settings = {"points_per_crop": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    got = evaluate_automatic({"m": str(tiny_model_dir)}, subset, **settings)["m"]
+    generator = pipeline("mask-generation", model=str(tiny_model_dir))
+    row = subset[0]
+    result = generator(row["image"].convert("RGB"), **settings)
+    inst = mask_to_instances(row["label"])
+    best = []
+    for k in range(1, inst.max() + 1):
+        ious = [_numpy_dice_iou(np.asarray(m, bool), inst == k)[1] for m in result["masks"]]
+        best.append(max(ious))
+    matched = sum(
+        any(_numpy_dice_iou(np.asarray(m, bool), inst == k)[1] >= 0.5 for k in range(1, inst.max() + 1))
+        for m in result["masks"]
+    )
+    assert got["num_masks"] == len(result["masks"]) > 0 and got["num_objects"] == inst.max()
+    assert got["mean_best_iou"] == pytest.approx(np.mean(best), abs=1e-6)
+    assert got["recall@0.5"] == pytest.approx(np.mean(np.array(best) >= 0.5))
+    assert got["precision@0.5"] == pytest.approx(matched / len(result["masks"]))

@@ -89,6 +89,9 @@ def test_best_picks_highest_score():
         ({"points": [[[1, 1]], [[2, 2]]], "boxes": [[0, 0, 5, 5]]}, "2 point sets"),
         ({}, "at least one prompt"),
         ({"boxes": "abc"}, "numeric"),
+        ({"boxes": [[1, 2, 3, 10**400]]}, "numeric"),
+        ({"boxes": []}, "`boxes` is empty"),
+        ({"boxes": [[0, 0, 5, 5]], "point_labels": [[1]]}, "without `points`"),
     ],
 )
 def test_bad_prompts_are_rejected_clearly(prompts, message):

@@ -188,6 +188,13 @@ def test_yaml_config_and_argument_errors(tmp_path):
     assert data_args.dataset_name == "data/nuclei_demo" and data_args.validation_split_percentage == 25
     assert sam_args.freeze_vision_encoder and sam_args.cache_embeddings
     assert training_args.metric_for_best_model == "dice" and training_args.load_best_model_at_end
+    # Flags after the config override it; the rest of the config stays.
+    _, data_args, sam_args, training_args = parse_args(
+        [str(demo), "--output_dir", str(tmp_path / "o"), "--max_steps", "7", "--multimask_training"]
+    )
+    assert training_args.output_dir == str(tmp_path / "o") and training_args.max_steps == 7
+    assert sam_args.multimask_training and sam_args.box_jitter == 4 and data_args.validation_split_percentage == 25
+    assert training_args.load_best_model_at_end and training_args.learning_rate == 1e-3
     with pytest.raises(ValueError, match="--box_jitter must be >= 0"):
         parse_args(["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o", "--box_jitter", "-1"])
     with pytest.raises(ValueError, match="--cache_embeddings needs --freeze_vision_encoder"):

@@ -1,0 +1,109 @@
+"""The Hub path offline: push through huggingface_hub's real client to a local endpoint, then load from the cache
+that a download populated, with HF_HUB_OFFLINE=1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from fake_hub import FakeHub
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "hf_samhfTestSecret0123456789abcdef"
+HUB_ID = "someone/tiny-sam-nuclei"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def pushed(tiny_model_dir, nuclei_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hub")
+    out, hf_home = tmp / "run", tmp / "hf_home"
+    with FakeHub() as hub:
+        cmd = [
+            sys.executable, str(REPO / "scripts" / "train.py"),
+            "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir),
+            "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+            "--max_train_samples", "4", "--max_eval_samples", "2", "--max_objects_per_image", "4",
+            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
+            "--push_to_hub", "--hub_model_id", HUB_ID, "--hub_token", TOKEN,
+        ]  # fmt: skip
+        env = _env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(hf_home))
+        train = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert train.returncode == 0, train.stderr[-4000:]
+        # A user with Hub access loads the model once; that populates their cache.
+        load = "from transformers import SamModel, SamProcessor; SamModel.from_pretrained(%r); SamProcessor.from_pretrained(%r)"
+        download = subprocess.run(
+            [sys.executable, "-c", load % (HUB_ID, HUB_ID)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert download.returncode == 0, download.stderr[-4000:]
+    return {"out": out, "hub": hub, "train": train, "hf_home": hf_home}
+
+
+def test_upload_is_exactly_the_output_folder(pushed):
+    out, hub = pushed["out"], pushed["hub"]
+    final = hub.commits[-1]
+    assert final["repo"] == HUB_ID and final["summary"] == "End of training"
+    local = {
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and not p.name.startswith("_") and not str(p.relative_to(out)).startswith("checkpoint-")
+    }
+    assert set(final["files"]) == local
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md"):
+        assert final["files"][name] == (out / name).read_bytes(), name
+    commits = [r for r in hub.requests if "/commit/" in r["path"]]
+    assert commits and all(r["auth"] == f"Bearer {TOKEN}" for r in commits)
+
+
+def test_token_is_never_written_or_logged(pushed):
+    out, hub, train = pushed["out"], pushed["hub"], pushed["train"]
+    for name, content in hub.files.items():
+        assert TOKEN.encode() not in content, f"token uploaded in {name}"
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), f"token written to {path}"
+    assert TOKEN not in train.stdout and TOKEN not in train.stderr
+
+
+def test_pushed_card_metadata_parses(pushed):
+    card = ModelCard(pushed["hub"].files["README.md"].decode())
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "mask-generation"
+    assert data.base_model and "sam" in data.tags
+    results = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert set(results) == {"dice", "iou"} and all(0 <= v <= 1 for v in results.values())
+    assert "model-index" in data.to_dict()
+    assert f"{results['dice']:.4f}" in card.text
+
+
+def test_from_pretrained_offline_from_populated_cache(pushed):
+    out = pushed["out"]
+    code = f"""
+import torch
+from safetensors.torch import load_file
+from transformers import SamModel, SamProcessor, pipeline
+from PIL import Image
+import numpy as np
+model = SamModel.from_pretrained({HUB_ID!r})
+SamProcessor.from_pretrained({HUB_ID!r})
+ref = load_file({str(out / "model.safetensors")!r})
+state = model.state_dict()
+assert all(torch.equal(state[k], v) for k, v in ref.items()), "weights differ from the pushed ones"
+gen = pipeline("mask-generation", model={HUB_ID!r})
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3)).astype(np.uint8))
+gen(image, points_per_crop=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+print("OK")
+"""
+    env = _env(HF_HOME=str(pushed["hf_home"]), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
