@@ -38,18 +38,31 @@ class FakeHub:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 hub.requests.append(
-                    {"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "auth": self.headers.get("Authorization"),
+                        "body": body,
+                    }
                 )
                 path = self.path.split("?")[0]
                 if self.command == "POST" and path == "/api/repos/create":
                     spec = json.loads(body)
-                    repo = f"{spec.get('organization') or 'user'}/{spec['name']}" if "/" not in spec["name"] else spec["name"]
+                    repo = (
+                        f"{spec.get('organization') or 'user'}/{spec['name']}"
+                        if "/" not in spec["name"]
+                        else spec["name"]
+                    )
                     return self._reply(200, {"url": f"http://{self.headers['Host']}/{repo}", "name": repo, "id": repo})
                 if m := re.fullmatch(r"/api/models/(.+)/preupload/(.+)", path):
                     files = json.loads(body)["files"]
                     return self._reply(
                         200,
-                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                            ]
+                        },
                     )
                 if m := re.fullmatch(r"/api/models/(.+)/commit/(.+)", path):
                     commit = {"repo": m.group(1), "files": {}}
@@ -63,8 +76,12 @@ class FakeHub:
                             hub.files[item["value"]["path"]] = content
                     hub.commits.append(commit)
                     return self._reply(
-                        200, {"commitUrl": f"http://{self.headers['Host']}/{m.group(1)}/commit/" + "a" * 40,
-                              "commitOid": "a" * 40, "pullRequestUrl": None}
+                        200,
+                        {
+                            "commitUrl": f"http://{self.headers['Host']}/{m.group(1)}/commit/" + "a" * 40,
+                            "commitOid": "a" * 40,
+                            "pullRequestUrl": None,
+                        },
                     )
                 if path == "/api/validate-yaml":
                     return self._reply(200, {"errors": [], "warnings": []})

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
-
 from fake_hub import FakeHub
+from huggingface_hub import ModelCard
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "hf_samhfTestSecret0123456789abcdef"
@@ -41,7 +40,10 @@ def pushed(tiny_model_dir, nuclei_dir, tmp_path_factory):
         train = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
         assert train.returncode == 0, train.stderr[-4000:]
         # A user with Hub access loads the model once; that populates their cache.
-        load = "from transformers import SamModel, SamProcessor; SamModel.from_pretrained(%r); SamProcessor.from_pretrained(%r)"
+        load = (
+            "from transformers import SamModel, SamProcessor; "
+            "SamModel.from_pretrained(%r); SamProcessor.from_pretrained(%r)"
+        )
         download = subprocess.run(
             [sys.executable, "-c", load % (HUB_ID, HUB_ID)], env=env, capture_output=True, text=True, timeout=300
         )
