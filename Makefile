@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test quality style pretrain-base
+.PHONY: demo test quality style docs pretrain-base
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+docs: $(VENV)/.installed
+	$(BIN)/mkdocs build --strict
 
 quality: $(VENV)/.installed
 	$(BIN)/ruff check sam_hf scripts tests
