@@ -109,3 +109,29 @@ print("OK")
     env = _env(HF_HOME=str(pushed["hf_home"]), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_card_metadata_for_a_hub_dataset_and_embedded_figures(tmp_path):
+    from types import SimpleNamespace
+
+    from huggingface_hub import ModelCard
+    from transformers import TrainingArguments
+
+    from sam_hf.hub import render_model_card
+
+    (tmp_path / "loss_curves.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # only existence matters to the card
+    args = TrainingArguments(output_dir=str(tmp_path), hub_model_id="someone/sam-nuclei", report_to="none")
+    card = render_model_card(
+        SimpleNamespace(args=args),
+        base_model="facebook/sam-vit-base",
+        dataset_name="someone/nuclei",
+        metrics_before={"dice": 0.5, "iou": 0.4},
+        metrics_after={"dice": 0.75, "iou": 0.6, "num_objects": 12},
+    )
+    card.save(tmp_path / "README.md")
+    parsed = ModelCard.load(tmp_path / "README.md")
+    assert parsed.data.datasets == ["someone/nuclei"] and parsed.data.base_model == "facebook/sam-vit-base"
+    result = {r.metric_type: (r.metric_value, r.dataset_type) for r in parsed.data.eval_results}
+    assert result == {"dice": (0.75, "someone/nuclei"), "iou": (0.6, "someone/nuclei")}
+    assert "](loss_curves.png)" in parsed.text and "eval_predictions.png" not in parsed.text
+    assert "| 0.5000 | 0.4000 |" in parsed.text and "| 0.7500 | 0.6000 |" in parsed.text
