@@ -59,7 +59,9 @@ def _as_array(value: Any, name: str, last_dim: int | None) -> np.ndarray | None:
         return None
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError) as err:
+    except OverflowError as err:
+        raise PromptError(f"`{name}` holds a number too large to be a pixel coordinate.") from err
+    except (TypeError, ValueError) as err:
         raise PromptError(f"`{name}` must be numeric, got {str(value)[:100]!r}.") from err
     if arr.size == 0:
         raise PromptError(f"`{name}` is empty; leave it out or give at least one prompt.")

@@ -89,7 +89,7 @@ def test_best_picks_highest_score():
         ({"points": [[[1, 1]], [[2, 2]]], "boxes": [[0, 0, 5, 5]]}, "2 point sets"),
         ({}, "at least one prompt"),
         ({"boxes": "abc"}, "numeric"),
-        ({"boxes": [[1, 2, 3, 10**400]]}, "numeric"),
+        ({"boxes": [[1, 2, 3, 10**400]]}, "too large"),
         ({"boxes": []}, "`boxes` is empty"),
         ({"boxes": [[0, 0, 5, 5]], "point_labels": [[1]]}, "without `points`"),
     ],
