@@ -122,8 +122,12 @@ def test_output_dir_layout_and_metrics(trained_run):
         "train_results.json",
         "eval_results.json",
         "trainer_state.json",
+        "loss_curves.png",
+        "eval_predictions.png",
     ):
         assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "](loss_curves.png)" in card and "](eval_predictions.png)" in card
     for key in ("eval_dice", "eval_iou", "base_eval_dice", "base_eval_iou", "eval_loss", "train_loss"):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert 0 <= metrics["eval_dice"] <= 1 and 0 <= metrics["eval_iou"] <= metrics["eval_dice"] + 1e-9
