@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path):
+@pytest.mark.parametrize("multimask", [False, True], ids=["box", "multimask"])
+def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path, multimask):
+    """With --multimask_training every decoder parameter takes part, so DDP needs no unused-parameter search."""
     from transformers import SamModel, pipeline
 
     out = tmp_path / "ddp"
@@ -37,6 +39,7 @@ def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path):
         *["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir)],
         *["--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache")],
         *train_args.split(),
+        *(["--multimask_training"] if multimask else []),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -55,6 +58,8 @@ def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path):
         if name.startswith(("vision_encoder.", "prompt_encoder.", "shared_image_embedding.")):
             assert torch.equal(base[name], tuned[name]), f"frozen tensor {name} changed"
     assert any(not torch.equal(base[n], tuned[n]) for n in base if n.startswith("mask_decoder.")), "decoder unchanged"
+    iou_head = [n for n in base if n.startswith("mask_decoder.iou_prediction_head.")]
+    assert any(not torch.equal(base[n], tuned[n]) for n in iou_head) == multimask
     generator = pipeline("mask-generation", model=str(out), points_per_batch=16)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3)).astype(np.uint8))
     result = generator(image, points_per_crop=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
