@@ -35,12 +35,11 @@ FIGURES = (
 
 
 def model_card_template() -> Path:
-    """Path of the card template, `model_card.md` at the top of the source tree (sam_hf is installed editable)."""
-    path = Path(__file__).resolve().parent.parent / "model_card.md"
+    """Path of the card template: `model_card.md` at the top of the source tree, shipped inside the package as
+    `sam_hf/model_card.md` (a link to it in the source tree, a copy in a built wheel)."""
+    path = Path(__file__).resolve().parent / "model_card.md"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Model card template {path} not found; install sam_hf from its source tree (pip install -e .)."
-        )
+        raise FileNotFoundError(f"Model card template {path} not found; reinstall sam_hf.")
     return path
 
 
