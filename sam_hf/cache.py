@@ -22,13 +22,14 @@ from .data import to_rgb_array
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_image_embeddings", "embedding_fingerprint"]
+__all__ = ["add_image_embeddings", "embedding_fingerprint", "weights_fingerprint"]
 
 CACHE_FORMAT = "sam_hf-embeddings-v1"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def _hash_tensors(module: torch.nn.Module) -> str:
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over the names and exact bytes of every tensor in `module.state_dict()`."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
@@ -45,7 +46,7 @@ def _image_bytes(entry: dict) -> bytes:
 def embedding_fingerprint(ds: datasets.Dataset, model: SamModel, image_processor, dtype: str) -> str:
     """Fingerprint of the embeddings of `ds`: encoder weights, processor config, dtype and image bytes."""
     digest = hashlib.sha256(CACHE_FORMAT.encode())
-    digest.update(_hash_tensors(model.vision_encoder).encode())
+    digest.update(weights_fingerprint(model.vision_encoder).encode())
     digest.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
     digest.update(dtype.encode())
     raw = ds.cast_column("image", datasets.Image(decode=False))

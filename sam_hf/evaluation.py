@@ -25,7 +25,7 @@ if not hasattr(evaluate, "load"):
         f"`import evaluate` found {getattr(evaluate, '__file__', evaluate)!r}, not the evaluate library: a file named "
         "evaluate.py on the import path (such as scripts/evaluate.py when its folder is on sys.path) shadows it."
     )
-from .cache import _hash_tensors
+from .cache import weights_fingerprint
 from .config import DataArguments
 from .data import index_objects, jitter_boxes, load_source, mask_to_instances, split_source, to_rgb_array
 from .inference import SamPredictor
@@ -159,7 +159,7 @@ def evaluate_models(
     groups: dict[tuple[str, str], list[str]] = {}
     for name, predictor in predictors.items():
         key = (
-            _hash_tensors(predictor.model.vision_encoder),
+            weights_fingerprint(predictor.model.vision_encoder),
             json.dumps(predictor.processor.image_processor.to_dict(), sort_keys=True, default=str),
         )
         groups.setdefault(key, []).append(name)
