@@ -137,6 +137,7 @@ def evaluate_models(
     box_jitter: float = 0.0,
     jitter_seed: int = 0,
     num_figure_images: int = 0,
+    use_cached_embeddings: bool = False,
 ) -> dict[str, Any]:
     """Prompt every model with one box per object of every image and score each object.
 
@@ -148,6 +149,9 @@ def evaluate_models(
             boxes go to every model.
         jitter_seed (`int`, *optional*, defaults to 0): seed of the jitter.
         num_figure_images (`int`, *optional*, defaults to 0): keep this many images' predictions for a figure.
+        use_cached_embeddings (`bool`, *optional*, defaults to `False`): take each image's embedding from the
+            dataset's `image_embeddings` column (`sam_hf.cache.add_image_embeddings` with these models' shared,
+            frozen encoder) instead of running the encoder again.
 
     Returns:
         A dict with `objects` (per object: `image`, `name`, `object_id`, `area`, and `dice` / `iou` per model) and
@@ -164,6 +168,10 @@ def evaluate_models(
         )
         groups.setdefault(key, []).append(name)
     logger.info("%d model(s), %d distinct image encoder(s)", len(predictors), len(groups))
+    if use_cached_embeddings and (len(groups) != 1 or "image_embeddings" not in dataset.column_names):
+        raise ValueError(
+            "use_cached_embeddings needs an `image_embeddings` column and models that share one image encoder."
+        )
 
     metrics = {name: load_object_metrics(experiment_id=f"sam_hf_{name}") for name in predictors}
     objects: list[dict[str, Any]] = []
@@ -181,7 +189,10 @@ def evaluate_models(
         per_model: dict[str, np.ndarray] = {}
         for members in groups.values():
             first = predictors[members[0]]
-            first.set_image(image)
+            if use_cached_embeddings:
+                first.set_image_embeddings(row["image_embeddings"], row["original_sizes"], row["reshaped_input_sizes"])
+            else:
+                first.set_image(image)
             for member in members:
                 predictor = predictors[member]
                 if predictor is not first:

@@ -197,6 +197,26 @@ class SamPredictor:
         self.original_size = tuple(int(v) for v in inputs["original_sizes"][0])
         self.reshaped_size = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
 
+    def set_image_embeddings(
+        self, embeddings: Any, original_size: tuple[int, int], reshaped_size: tuple[int, int]
+    ) -> None:
+        """Use an image embedding computed earlier (e.g. the `image_embeddings`, `original_sizes` and
+        `reshaped_input_sizes` columns of `sam_hf.cache.add_image_embeddings`) instead of encoding the image again.
+
+        Args:
+            embeddings: `(C, g, g)` or `(1, C, g, g)` output of this model's vision encoder for the image.
+            original_size (`tuple[int, int]`): `(height, width)` of the original image.
+            reshaped_size (`tuple[int, int]`): `(height, width)` the processor resized it to.
+        """
+        emb = torch.as_tensor(np.asarray(embeddings), dtype=self.model.dtype, device=self.device)
+        emb = emb[None] if emb.dim() == 3 else emb
+        expected = self.model.config.vision_config.output_channels
+        if emb.dim() != 4 or emb.shape[:2] != (1, expected):
+            raise ValueError(f"Expected image embeddings of shape ({expected}, g, g), got {tuple(emb.shape)}.")
+        self.image_embeddings = emb
+        self.original_size = tuple(int(v) for v in original_size)
+        self.reshaped_size = tuple(int(v) for v in reshaped_size)
+
     def _scale(self, coords: np.ndarray) -> torch.Tensor:
         (old_h, old_w), (new_h, new_w) = self.original_size, self.reshaped_size
         factors = np.tile([new_w / old_w, new_h / old_h], coords.shape[-1] // 2)

@@ -90,7 +90,14 @@ def write_figures(
         model = trainer.accelerator.unwrap_model(trainer.model)
         was_training = model.training
         predictor = SamPredictor(model, processor)
-        result = evaluate_models({"tuned": predictor}, eval_images, mask_type, num_figure_images=len(eval_images))
+        result = evaluate_models(
+            {"tuned": predictor},
+            eval_images,
+            mask_type,
+            num_figure_images=len(eval_images),
+            # The frozen encoder's cached output, when there is one: no image is encoded again.
+            use_cached_embeddings="image_embeddings" in eval_images.column_names,
+        )
         written.append(save_figure(plot_base_vs_tuned(result["figure_samples"]), out / "eval_predictions.png"))
         model.train(was_training)
     logger.info("Wrote %s", ", ".join(p.name for p in written))

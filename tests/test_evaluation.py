@@ -196,3 +196,19 @@ def test_automatic_mask_evaluation_against_numpy(eval_images, tiny_model_dir):
     assert got["mean_best_iou"] == pytest.approx(np.mean(best), abs=1e-6)
     assert got["recall@0.5"] == pytest.approx(np.mean(np.array(best) >= 0.5))
     assert got["precision@0.5"] == pytest.approx(matched / len(result["masks"]))
+
+
+def test_cached_embeddings_give_the_same_scores(eval_images, tiny_model_dir, tmp_path):
+    from sam_hf.cache import add_image_embeddings
+
+    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
+    cached = add_image_embeddings(
+        eval_images, predictor.model, predictor.processor.image_processor, dtype="float32", cache_dir=str(tmp_path)
+    )
+    from_images = evaluate_models({"m": predictor}, eval_images)["objects"]
+    from_cache = evaluate_models({"m": predictor}, cached, use_cached_embeddings=True)["objects"]
+    np.testing.assert_allclose([o["dice"]["m"] for o in from_cache], [o["dice"]["m"] for o in from_images], atol=1e-3)
+    with pytest.raises(ValueError, match="image_embeddings"):
+        evaluate_models({"m": predictor}, eval_images, use_cached_embeddings=True)
+    with pytest.raises(ValueError, match="shape"):
+        predictor.set_image_embeddings(np.zeros((3, 4, 4)), (10, 10), (10, 10))
