@@ -43,7 +43,7 @@ __all__ = [
     "load_source",
     "mask_to_instances",
     "resize_and_pad_masks",
-    "scale_boxes",
+    "scale_coords",
     "to_rgb_array",
 ]
 
@@ -429,15 +429,14 @@ class SamTransform:
         return np.arange(k)
 
     def sample_points(self, instances: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """One xy point per object id, uniform over the object's pixels (pixel centres), as `(K, 4)` `[x, y, x, y]`
-        rows so that `scale_boxes` can map them."""
+        """One xy pixel per object id `(K, 2)`, drawn uniformly from the object's pixels."""
         ys, xs = np.nonzero(instances)
         owner = instances[ys, xs]
-        points = np.zeros((len(ids), 4), np.float64)
+        points = np.zeros((len(ids), 2), np.float64)
         for k, obj in enumerate(ids):
             where = np.flatnonzero(owner == obj)
             j = where[self.rng.integers(len(where))]
-            points[k] = (xs[j], ys[j], xs[j], ys[j])
+            points[k] = (xs[j], ys[j])
         return points
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
@@ -468,10 +467,10 @@ class SamTransform:
             ids = torch.from_numpy(keep + 1)
             inst = torch.from_numpy(instances)
             masks = inst[None] == ids[:, None, None]
-            out["input_boxes"].append(scale_boxes(boxes, original_size, reshaped_size))
+            out["input_boxes"].append(scale_coords(boxes, original_size, reshaped_size))
             if self.point_prompts:
                 points = self.sample_points(instances, keep + 1)
-                out["input_points"].append(scale_boxes(points, original_size, reshaped_size)[:, None, :2])
+                out["input_points"].append(scale_coords(points, original_size, reshaped_size)[:, None])
                 out["input_labels"].append(torch.ones(len(keep), 1, dtype=torch.long))
             out["labels"].append(resize_and_pad_masks(masks, self.mask_longest_edge, self.mask_pad))
             out["original_sizes"].append(torch.tensor(original_size))
@@ -482,11 +481,17 @@ class SamTransform:
         return out
 
 
-def scale_boxes(boxes: np.ndarray, original_size: tuple[int, int], reshaped_size: tuple[int, int]) -> torch.Tensor:
-    """Map xyxy boxes `(K, 4)` from original-image pixels to the resized input frame, as `SamProcessor` does."""
+def scale_coords(coords: Any, original_size: tuple[int, int], reshaped_size: tuple[int, int]) -> torch.Tensor:
+    """Map pixel coordinates from the original image to the resized input frame, as `SamProcessor` does.
+
+    `coords` ends in xy pairs: `(..., 2)` points or `(..., 4)` xyxy boxes.
+    """
     (old_h, old_w), (new_h, new_w) = original_size, reshaped_size
-    factors = np.array([new_w / old_w, new_h / old_h, new_w / old_w, new_h / old_h])
-    return torch.from_numpy(np.asarray(boxes, np.float64).reshape(-1, 4) * factors).float()
+    coords = np.asarray(coords, np.float64)
+    if coords.ndim == 0 or coords.shape[-1] not in (2, 4):
+        raise ValueError(f"Expected coordinates of shape (..., 2) or (..., 4), got {coords.shape}.")
+    factors = np.tile([new_w / old_w, new_h / old_h], coords.shape[-1] // 2)
+    return torch.from_numpy(coords * factors).float()
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import SamModel, SamProcessor
 
-from .data import to_rgb_array
+from .data import scale_coords, to_rgb_array
 from .modeling import load_model_and_processor
 
 logger = logging.getLogger(__name__)
@@ -218,9 +218,7 @@ class SamPredictor:
         self.reshaped_size = tuple(int(v) for v in reshaped_size)
 
     def _scale(self, coords: np.ndarray) -> torch.Tensor:
-        (old_h, old_w), (new_h, new_w) = self.original_size, self.reshaped_size
-        factors = np.tile([new_w / old_w, new_h / old_h], coords.shape[-1] // 2)
-        return torch.from_numpy(coords * factors).to(self.device, torch.float32)
+        return scale_coords(coords, self.original_size, self.reshaped_size).to(self.device)
 
     @torch.no_grad()
     def predict(

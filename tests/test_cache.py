@@ -11,7 +11,7 @@ from transformers import SamModel, SamProcessor
 
 from sam_hf import SamDataCollator, SamDiceCELoss, SamTransform, freeze_modules
 from sam_hf.cache import add_image_embeddings
-from sam_hf.data import index_objects, load_source, scale_boxes
+from sam_hf.data import index_objects, load_source, scale_coords
 
 
 @pytest.fixture()
@@ -92,10 +92,13 @@ def test_stale_cache_is_never_used(tiny_model_dir, small_folder, tmp_path, caplo
     np.testing.assert_array_equal(changed_image[1:], changed_weight[1:])
 
 
-def test_scale_boxes_matches_processor(tiny_model_dir):
+def test_scale_coords_matches_processor(tiny_model_dir):
     processor = SamProcessor.from_pretrained(tiny_model_dir)
     image = np.zeros((150, 420, 3), np.uint8)
     boxes = np.array([[10.0, 20.0, 200.0, 140.0], [0.0, 0.0, 419.0, 149.0]])
     enc = processor(images=image, input_boxes=[boxes.tolist()], return_tensors="pt")
-    ours = scale_boxes(boxes, (150, 420), tuple(int(v) for v in enc["reshaped_input_sizes"][0]))
-    torch.testing.assert_close(ours, enc["input_boxes"][0].float())
+    reshaped = tuple(int(v) for v in enc["reshaped_input_sizes"][0])
+    torch.testing.assert_close(scale_coords(boxes, (150, 420), reshaped), enc["input_boxes"][0].float())
+    points = [[[30.0, 40.0], [419.0, 149.0]]]  # one prompt with two points
+    enc = processor(images=image, input_points=[points], input_labels=[[[1, 0]]], return_tensors="pt")
+    torch.testing.assert_close(scale_coords(points, (150, 420), reshaped), enc["input_points"][0].float())
