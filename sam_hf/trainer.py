@@ -84,10 +84,18 @@ class SamTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
+        multimask = "input_points" in inputs and model.training
+        if multimask and "pixel_values" in inputs:
+            vision = self.accelerator.unwrap_model(model).vision_encoder
+            if not any(p.requires_grad for p in vision.parameters()):
+                # Two decoder calls follow; run the frozen encoder once for both (no gradient flows through it).
+                with torch.no_grad():
+                    embeddings = self.accelerator.unwrap_model(model).get_image_embeddings(inputs["pixel_values"])
+                inputs = {k: v for k, v in inputs.items() if k != "pixel_values"} | {"image_embeddings": embeddings}
         outputs = self._forward(model, inputs)
         logits = outputs.pred_masks[:, :, 0]
         loss, n_objects = self.loss_fn(logits, labels)
-        if "input_points" in inputs and model.training:
+        if multimask:
             image_key = "image_embeddings" if "image_embeddings" in inputs else "pixel_values"
             point_outputs = model(
                 **{image_key: inputs[image_key]},

@@ -32,8 +32,10 @@ def _two_image_dataset() -> datasets.Dataset:
     return index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
 
 
-def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False):
+def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, encoder_calls=None):
     model = SamModel.from_pretrained(model_dir)
+    if encoder_calls is not None:
+        model.vision_encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
     processor = SamProcessor.from_pretrained(model_dir)
     freeze_modules(model)
     if not multimask:
@@ -221,7 +223,9 @@ def test_yaml_config_and_argument_errors(tmp_path):
 def test_gradient_accumulation_with_multimask_training(tiny_model_dir, tmp_path):
     """The point-prompted multimask terms are scaled like the box term: batch 2 == batch 1 x accumulation 2."""
     base = {n: p.clone() for n, p in SamModel.from_pretrained(tiny_model_dir).mask_decoder.named_parameters()}
-    big_batch = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True)
+    calls = []
+    big_batch = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True, encoder_calls=calls)
+    assert len(calls) == 1, "the frozen encoder must run once per step, not once per decoder call"
     accumulated = _one_step(tiny_model_dir, tmp_path, batch_size=1, accumulation=2, multimask=True)
     box_only = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1)
     # The IoU head learns from every candidate; a multimask token's hypernetwork only when its mask was the best of 3.
