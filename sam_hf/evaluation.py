@@ -143,7 +143,8 @@ def evaluate_models(
 
     Args:
         predictors (`dict[str, SamPredictor]`): the models, by name.
-        dataset (`datasets.Dataset`): `image` and `label` columns plus the `boxes` column of `index_objects`.
+        dataset (`datasets.Dataset`): `image` and `label` columns plus the `boxes` and `areas` columns of
+            `index_objects`.
         mask_type (`str`, *optional*, defaults to `"auto"`): how masks become objects (see `mask_to_instances`).
         box_jitter (`float`, *optional*, defaults to 0): outward jitter of the boxes in pixels; the same jittered
             boxes go to every model.
@@ -178,7 +179,8 @@ def evaluate_models(
     samples: list[dict[str, Any]] = []
     for idx in tqdm(range(len(dataset)), desc="Evaluating", unit="image"):
         row = dataset[idx]
-        image = to_rgb_array(row["image"])
+        need_image = not use_cached_embeddings or len(samples) < num_figure_images
+        image = to_rgb_array(row["image"]) if need_image else None
         instances = mask_to_instances(row["label"], mask_type)
         boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
         if box_jitter:
@@ -196,14 +198,13 @@ def evaluate_models(
             for member in members:
                 predictor = predictors[member]
                 if predictor is not first:
-                    predictor.image_embeddings = first.image_embeddings
-                    predictor.original_size, predictor.reshaped_size = first.original_size, first.reshaped_size
+                    predictor.set_image_embeddings(first.image_embeddings, first.original_size, first.reshaped_size)
                 masks = predictor.predict(boxes=boxes).masks[:, 0]
                 pairs = [_crop_to_union(p, g) for p, g in zip(masks, gt)]
                 metrics[member].add_batch(predictions=[p for p, _ in pairs], references=[g for _, g in pairs])
                 per_model[member] = masks
-        for k in range(len(boxes)):
-            objects.append({"image": idx, "name": name, "object_id": int(ids[k]), "area": int(gt[k].sum())})
+        for k, area in enumerate(row["areas"]):
+            objects.append({"image": idx, "name": name, "object_id": int(ids[k]), "area": int(area)})
         if len(samples) < num_figure_images:
             samples.append({"image": image, "gt_masks": gt, "boxes": boxes, "predictions": per_model, "name": name})
 

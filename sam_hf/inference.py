@@ -208,7 +208,8 @@ class SamPredictor:
             original_size (`tuple[int, int]`): `(height, width)` of the original image.
             reshaped_size (`tuple[int, int]`): `(height, width)` the processor resized it to.
         """
-        emb = torch.as_tensor(np.asarray(embeddings), dtype=self.model.dtype, device=self.device)
+        emb = torch.as_tensor(embeddings if torch.is_tensor(embeddings) else np.asarray(embeddings))
+        emb = emb.to(self.device, self.model.dtype)
         emb = emb[None] if emb.dim() == 3 else emb
         expected = self.model.config.vision_config.output_channels
         if emb.dim() != 4 or emb.shape[:2] != (1, expected):

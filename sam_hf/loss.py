@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 
+from .metrics import object_stats
+
 __all__ = ["SamDiceCELoss", "multimask_loss"]
 
 
@@ -85,8 +87,8 @@ def multimask_loss(
     c = logits.shape[1]
     per = loss_fn.per_object(logits.flatten(0, 1), labels.repeat_interleave(c, 0)).view(-1, c)
     with torch.no_grad():
-        pred, target = logits > 0, (labels > 0.5)[:, None]
-        inter = (pred & target).flatten(2).sum(-1).float()
-        union = (pred | target).flatten(2).sum(-1).float()
-        actual_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        pred, target = logits > 0, (labels > 0.5)[:, None].expand_as(logits)
+        inter, pred_area, gt_area = object_stats(pred.flatten(0, 1), target.flatten(0, 1)).view(-1, c, 3).unbind(-1)
+        union = pred_area + gt_area - inter
+        actual_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).float()
     return per.min(dim=1).values.mean(), F.mse_loss(scores.float(), actual_iou), n

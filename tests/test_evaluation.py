@@ -119,7 +119,11 @@ def test_evaluation_agrees_with_independent_numpy(eval_images, tiny_model_dir, t
 
 def test_shared_encoding_and_seeded_jitter(eval_images, tiny_model_dir):
     a, b = SamPredictor.from_pretrained(str(tiny_model_dir)), SamPredictor.from_pretrained(str(tiny_model_dir))
+    calls = {"a": 0, "b": 0}
+    for name, p in (("a", a), ("b", b)):
+        p.model.vision_encoder.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
     exact = evaluate_models({"a": a, "b": b}, eval_images)["objects"]
+    assert calls == {"a": len(eval_images), "b": 0}, "identical encoders must share one encoding per image"
     assert all(o["dice"]["a"] == o["dice"]["b"] for o in exact)
     j1 = evaluate_models({"a": a}, eval_images, box_jitter=6, jitter_seed=3)["objects"]
     j2 = evaluate_models({"a": a}, eval_images, box_jitter=6, jitter_seed=3)["objects"]
