@@ -127,9 +127,6 @@ def run_training(
     `log_metrics` / `save_metrics` / `save_state`, `evaluate`, then `push_to_hub` or `create_model_card`.
     """
     _setup_logging(training_args)
-    # SamModel's forward would silently drop our columns, and the default label names do not fit it.
-    training_args.remove_unused_columns = False
-    training_args.label_names = ["labels"]
     if training_args.ddp_find_unused_parameters is None:
         # Parameters single-mask training never reaches are frozen (freeze_unused_decoder_outputs), so DDP need not
         # search the graph for them at every step.

@@ -71,6 +71,12 @@ class SamTrainer(Trainer):
             training_args.hub_token = None
             logger.info("--hub_token moved to the HF_TOKEN environment variable; it is not saved with the model.")
         super().__init__(*args, **kwargs)
+        # SamModel.forward takes **kwargs, so the Trainer would keep no extra column and find no label names: the
+        # transform's columns must reach the collator and the labels are always `labels`.
+        if self.args.remove_unused_columns or self.args.label_names != ["labels"]:
+            logger.info("SamTrainer sets remove_unused_columns=False and label_names=['labels'].")
+        self.args.remove_unused_columns = False
+        self.args.label_names = self.label_names = ["labels"]
         self.loss_fn = loss_fn if loss_fn is not None else SamDiceCELoss()
         self.eval_chunk_size = eval_chunk_size
         self.card_info = card_info or {}

@@ -121,8 +121,6 @@ def sam_hf_epochs(model, processor, ds, max_objects: int, epochs: int, work: str
         report_to="none",
         save_strategy="no",
         logging_strategy="no",
-        remove_unused_columns=False,
-        label_names=["labels"],
         disable_tqdm=True,
     )
     trainer = SamTrainer(

@@ -137,10 +137,7 @@ def test_trainer_evaluation_counts_each_object_once(eval_images, trained_run, tm
     model, processor = SamModel.from_pretrained(tuned_dir), SamProcessor.from_pretrained(tuned_dir)
     counts = eval_images["num_objects"]
     assert len(set(counts)) > 1  # unequal counts: the collator pads
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to="none", remove_unused_columns=False,
-        label_names=["labels"],
-    )  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to="none")
     trainer = SamTrainer(
         model=model,
         args=args,

@@ -52,8 +52,6 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, en
         weight_decay=0.0,
         report_to="none",
         save_strategy="no",
-        remove_unused_columns=False,
-        label_names=["labels"],
         seed=0,
     )
     train = _two_image_dataset().with_transform(SamTransform(processor, train=True, point_prompts=multimask, seed=0))
