@@ -23,7 +23,8 @@ class SamTrainer(Trainer):
     """Trainer for SAM mask decoders prompted with boxes.
 
     `SamModel` returns no loss and ignores unknown keyword arguments, so this trainer passes the model only the inputs
-    it uses, always with `multimask_output=False`, and computes the loss itself with `SamDiceCELoss`.
+    it uses, always with `multimask_output=False`, and computes the loss itself with `SamDiceCELoss`. For the same
+    reason it sets `remove_unused_columns=False` and `label_names=["labels"]` on its arguments.
 
     Gradient accumulation: the loss of one micro-batch is the *sum* of its per-object losses divided by the number of
     real objects in the whole accumulation window (and across processes), which the Trainer provides as
