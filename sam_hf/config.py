@@ -55,7 +55,13 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation images."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for indexing masks."})
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes for indexing masks, and for decoding and preprocessing images while the embedding "
+            "cache is built (defaults there to min(8, CPUs - 1) on a GPU, none on CPUs)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.mask_type not in MASK_TYPES:
@@ -113,8 +119,12 @@ class SamArguments:
     embedding_dtype: str = field(
         default="float16", metadata={"help": "Storage dtype of cached embeddings: float16 or float32."}
     )
-    embedding_batch_size: int = field(
-        default=1, metadata={"help": "Images per vision-encoder call while building the embedding cache."}
+    embedding_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images per vision-encoder call while building the embedding cache; defaults to 8 on a GPU and 1 "
+            "on CPUs."
+        },
     )
     embedding_cache_dir: str | None = field(
         default=None, metadata={"help": "Where embedding caches live; defaults to <datasets cache>/sam_hf/embeddings."}

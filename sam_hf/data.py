@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MASK_TYPES = ("auto", "instance", "binary", "semantic")
 LABEL_PAD = -100.0
+EMBEDDING_KEYS = ("image_embeddings", "image_digest", "embedding_checksum")
 
 __all__ = [
     "SamDataCollator",
@@ -283,8 +285,9 @@ def jitter_boxes(
 def index_objects(
     ds: datasets.Dataset, mask_type: str = "auto", split_name: str = "train", num_proc: int | None = None
 ) -> datasets.Dataset:
-    """Add `boxes` (exact xyxy per object), `areas` (pixels per object) and `num_objects` columns; drop, count and
-    log images without objects.
+    """Add `boxes` (exact xyxy per object), `areas` (pixels per object), `num_objects` and `row_index` (the row's
+    position in `ds`, which keys its prompt randomness in `SamTransform`) columns; drop, count and log images without
+    objects.
 
     Runs as a cached `datasets.map`: each mask is decoded once here and once per use in the transform.
     """
@@ -307,12 +310,13 @@ def index_objects(
             boxes.append(b.tolist())
             areas.append(np.bincount(instances.ravel(), minlength=len(b) + 1)[1:].tolist())
             counts.append(len(b))
-        return {"boxes": boxes, "areas": areas, "num_objects": counts}
+        return {"boxes": boxes, "areas": areas, "num_objects": counts, "row_index": list(indices)}
 
     features = ds.features.copy()
     features["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
     features["areas"] = datasets.List(datasets.Value("int64"))
     features["num_objects"] = datasets.Value("int32")
+    features["row_index"] = datasets.Value("int64")
     ds = ds.map(
         _index,
         batched=True,
@@ -374,14 +378,16 @@ class SamTransform:
         max_objects_per_image (`int`, *optional*): cap on prompts per image; sampled at random when training, the
             first ones otherwise. `None` keeps all.
         mask_type (`str`, *optional*, defaults to `"auto"`): see `mask_to_instances`.
-        seed (`int`, *optional*): seed of the prompt-side randomness; each call draws fresh jitter and samples.
+        seed (`int`, *optional*): seed of the prompt-side randomness. Each row's draws come from a generator keyed by
+            `(seed, epoch, row)` (the row's `row_index` column from `index_objects`, or a hash of its boxes), so they
+            change every epoch (`set_epoch`) and do not depend on dataloader workers or restarts.
         with_instances (`bool`): also return the original-resolution instance map and the object ids, for metrics.
         point_prompts (`bool`, *optional*, defaults to `False`): also return `input_points` `(K, 1, 2)` (one point
             drawn uniformly from each object's pixels, in the resized frame) and `input_labels` `(K, 1)`, for
             multimask training.
 
     When the dataset carries cached `image_embeddings` (see `sam_hf.cache`), they replace `pixel_values` and no image
-    is decoded.
+    is decoded; each row's checksum is verified as it is read (`sam_hf.cache.EmbeddingCacheError` when it fails).
 
     Output per example: `pixel_values` `(3, S, S)` or `image_embeddings` `(C, g, g)`, `input_boxes` `(K, 4)` in the
     resized frame, `labels` `(K, m, m)` soft masks in the low-resolution frame, `original_sizes` `(2,)`,
@@ -406,40 +412,54 @@ class SamTransform:
         self.max_objects_per_image = max_objects_per_image
         self.mask_type = mask_type
         self.seed = seed
-        self._rng: np.random.Generator | None = None
-        self._rng_key: int | None = None
+        self.epoch = 0
+        self.rng = np.random.default_rng(seed)
         self.with_instances = with_instances
         ip = processor.image_processor
         self.mask_longest_edge = ip.mask_size["longest_edge"]
         self.mask_pad = ip.mask_pad_size["height"]
 
-    @property
-    def rng(self) -> np.random.Generator:
-        # Created lazily so that every dataloader worker (each with its own torch seed) draws its own prompts.
-        key = torch.initial_seed()
-        if self._rng is None or self._rng_key != key:
-            self._rng = np.random.default_rng([self.seed or 0, key % 2**63])
-            self._rng_key = key
-        return self._rng
+    def set_epoch(self, epoch: int) -> None:
+        """Key the prompt randomness of the rows that follow by `epoch` (`SamTrainer` calls it at each epoch start)."""
+        self.epoch = int(epoch)
 
-    def select(self, num_objects: int) -> np.ndarray:
+    def row_rng(self, row_key: int) -> np.random.Generator:
+        """The generator of one row's prompts, keyed by `(seed, epoch, row)`.
+
+        The draws are the same whatever the number of dataloader workers, processes or restarts, so a resumed run
+        repeats the prompts of an uninterrupted one.
+        """
+        return np.random.default_rng([self.seed or 0, self.epoch, row_key])
+
+    def select(self, num_objects: int, rng: np.random.Generator | None = None) -> np.ndarray:
         k = num_objects if self.max_objects_per_image is None else min(num_objects, self.max_objects_per_image)
         if self.train and k < num_objects:
-            return np.sort(self.rng.choice(num_objects, size=k, replace=False))
+            return np.sort((self.rng if rng is None else rng).choice(num_objects, size=k, replace=False))
         return np.arange(k)
 
-    def sample_points(self, instances: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def sample_points(
+        self, instances: np.ndarray, ids: np.ndarray, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         """One xy pixel per object id `(K, 2)`, drawn uniformly from the object's pixels."""
+        rng = self.rng if rng is None else rng
         ys, xs = np.nonzero(instances)
         owner = instances[ys, xs]
         points = np.zeros((len(ids), 2), np.float64)
         for k, obj in enumerate(ids):
             where = np.flatnonzero(owner == obj)
-            j = where[self.rng.integers(len(where))]
+            j = where[rng.integers(len(where))]
             points[k] = (xs[j], ys[j])
         return points
 
+    @staticmethod
+    def _row_key(batch: dict[str, list], row: int) -> int:
+        if "row_index" in batch:
+            return int(batch["row_index"][row])
+        return zlib.crc32(np.asarray(batch["boxes"][row], np.float32).tobytes())
+
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        from .cache import read_embedding
+
         cached = "image_embeddings" in batch
         image_key = "image_embeddings" if cached else "pixel_values"
         keys = (image_key, "input_boxes", "labels", "original_sizes", "reshaped_input_sizes")
@@ -451,7 +471,7 @@ class SamTransform:
         for row in range(len(batch["boxes"])):
             if cached:
                 # Image side from the embedding cache: no image decoding at all.
-                out[image_key].append(torch.as_tensor(np.asarray(batch["image_embeddings"][row]), dtype=torch.float32))
+                out[image_key].append(read_embedding({k: batch[k][row] for k in EMBEDDING_KEYS if k in batch}))
                 original_size = tuple(int(v) for v in batch["original_sizes"][row])
                 reshaped_size = tuple(int(v) for v in batch["reshaped_input_sizes"][row])
             else:
@@ -460,16 +480,17 @@ class SamTransform:
                 original_size = tuple(int(v) for v in enc["original_sizes"][0])
                 reshaped_size = tuple(int(v) for v in enc["reshaped_input_sizes"][0])
             instances = mask_to_instances(batch["label"][row], self.mask_type)
-            keep = self.select(len(batch["boxes"][row]))
+            rng = self.row_rng(self._row_key(batch, row)) if self.train else None
+            keep = self.select(len(batch["boxes"][row]), rng)
             boxes = np.asarray(batch["boxes"][row], np.float32)[keep]
             if self.box_jitter:
-                boxes = jitter_boxes(boxes, self.box_jitter, original_size, self.rng)
+                boxes = jitter_boxes(boxes, self.box_jitter, original_size, rng)
             ids = torch.from_numpy(keep + 1)
             inst = torch.from_numpy(instances)
             masks = inst[None] == ids[:, None, None]
             out["input_boxes"].append(scale_coords(boxes, original_size, reshaped_size))
             if self.point_prompts:
-                points = self.sample_points(instances, keep + 1)
+                points = self.sample_points(instances, keep + 1, rng)
                 out["input_points"].append(scale_coords(points, original_size, reshaped_size)[:, None])
                 out["input_labels"].append(torch.ones(len(keep), 1, dtype=torch.long))
             out["labels"].append(resize_and_pad_masks(masks, self.mask_longest_edge, self.mask_pad))

@@ -25,7 +25,7 @@ if not hasattr(evaluate, "load"):
         f"`import evaluate` found {getattr(evaluate, '__file__', evaluate)!r}, not the evaluate library: a file named "
         "evaluate.py on the import path (such as scripts/evaluate.py when its folder is on sys.path) shadows it."
     )
-from .cache import weights_fingerprint
+from .cache import read_embedding, weights_fingerprint
 from .config import DataArguments
 from .data import index_objects, jitter_boxes, load_source, mask_to_instances, split_source, to_rgb_array
 from .inference import SamPredictor
@@ -192,7 +192,7 @@ def evaluate_models(
         for members in groups.values():
             first = predictors[members[0]]
             if use_cached_embeddings:
-                first.set_image_embeddings(row["image_embeddings"], row["original_sizes"], row["reshaped_input_sizes"])
+                first.set_image_embeddings(read_embedding(row), row["original_sizes"], row["reshaped_input_sizes"])
             else:
                 first.set_image(image)
             for member in members:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 import transformers
 import yaml
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
-from .cache import add_image_embeddings
+from .cache import EmbeddingCacheError, add_image_embeddings, quarantine, verify_embedding_cache
 from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, index_objects, load_source, split_source
 from .loss import SamDiceCELoss
@@ -104,6 +105,21 @@ def write_figures(
     return written
 
 
+def quarantine_damaged(*splits: datasets.Dataset | None) -> str:
+    """Verify the embedding caches behind `splits` row by row and move the damaged ones aside; say what was done."""
+    moved = []
+    for ds in splits:
+        for entry in ds.cache_files if ds is not None else []:
+            path = Path(entry["filename"])
+            if len(path.stem) == 32 and path.suffix == ".arrow":  # <fingerprint>.arrow, not a datasets cache-*.arrow
+                problem = verify_embedding_cache(path) if path.is_file() else None
+                if problem is not None:
+                    moved.append(f"{path} ({problem}) was moved to {quarantine(path, problem)}")
+    if not moved:
+        return "No damaged cache file was found on disk."
+    return "; ".join(moved) + ". Run the same command again to rebuild it."
+
+
 def _setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -176,6 +192,9 @@ def run_training(
                 batch_size=sam_args.embedding_batch_size,
                 cache_dir=sam_args.embedding_cache_dir,
                 device=training_args.device,
+                num_workers=data_args.preprocessing_num_workers,
+                # The precision training runs in: cached and uncached training then see the same encoder output.
+                autocast_dtype=torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None,
             )
             train_ds = embed(train_ds, split_name="train").remove_columns("image")
             if eval_ds is not None:
@@ -261,7 +280,10 @@ def run_training(
         card_info["metrics_before"] = {k.removeprefix("base_eval_"): v for k, v in base.items()}
         all_metrics.update(base)
 
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except EmbeddingCacheError as err:
+        raise EmbeddingCacheError(f"{err} {quarantine_damaged(train_ds, eval_ds)}") from err
     trainer.save_model()
     metrics = train_result.metrics
     metrics["train_samples"] = len(train_ds)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .loss import SamDiceCELoss, multimask_loss
 from .metrics import object_stats
@@ -17,6 +18,20 @@ logger = logging.getLogger(__name__)
 __all__ = ["SamTrainer"]
 
 MODEL_INPUTS = ("pixel_values", "image_embeddings", "input_boxes")
+
+
+class PromptEpochCallback(TrainerCallback):
+    """Tell the training dataset's transform which epoch starts, so its prompt draws are keyed by `(seed, epoch, row)`.
+
+    Runs before the epoch's dataloader iterator (and its workers) is created, also when resuming mid-epoch.
+    """
+
+    def __init__(self, dataset: Any):
+        self.transform = (getattr(dataset, "format", None) or {}).get("format_kwargs", {}).get("transform")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(math.floor(state.epoch + 1e-9))
 
 
 class SamTrainer(Trainer):
@@ -84,6 +99,13 @@ class SamTrainer(Trainer):
         self.iou_loss_weight = iou_loss_weight
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
+        if self.train_dataset is not None:
+            self.add_callback(PromptEpochCallback(self.train_dataset))
+            if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+                logger.warning(
+                    "--dataloader_persistent_workers keeps each worker's copy of the transform from epoch 0: box "
+                    "jitter and object sampling then repeat every epoch. Leave it off for fresh prompts per epoch."
+                )
 
     def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
         kwargs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
@@ -115,6 +137,12 @@ class SamTrainer(Trainer):
             )
             # All three terms are means over the same objects, so the scaling below applies to their sum.
             loss = loss + mask_loss + self.iou_loss_weight * iou_loss
+        if model.training and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite training loss ({loss.item()}) at step {self.state.global_step}: stopping before a NaN "
+                "model is saved. Check the learning rate, the precision (--fp16 overflows more easily than --bf16) "
+                "and the inputs."
+            )
         if num_items_in_batch is not None:
             pixels_per_object = labels.shape[-1] * labels.shape[-2]
             loss = loss * (n_objects * pixels_per_object) / num_items_in_batch

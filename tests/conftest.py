@@ -14,6 +14,15 @@ REPO = Path(__file__).resolve().parent.parent
 NUCLEI = REPO / "data" / "nuclei_demo"
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny SAM with its processor, saved like a Hub checkpoint."""

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from transformers import SamModel, SamProcessor
 
 from sam_hf import SamDataCollator, SamDiceCELoss, SamTransform, freeze_modules
-from sam_hf.cache import add_image_embeddings
+from sam_hf.cache import add_image_embeddings, read_embedding
 from sam_hf.data import index_objects, load_source, scale_coords
 
 
@@ -66,7 +67,7 @@ def test_stale_cache_is_never_used(tiny_model_dir, small_folder, tmp_path, caplo
 
     def build(dataset):
         out = add_image_embeddings(dataset, model, ip, cache_dir=str(cache))
-        return np.stack([np.asarray(e) for e in out["image_embeddings"]])
+        return np.stack([read_embedding(out[i]).numpy() for i in range(len(out))])
 
     first = build(ds)
     assert n_caches(cache) == 1
@@ -102,3 +103,141 @@ def test_scale_coords_matches_processor(tiny_model_dir):
     points = [[[30.0, 40.0], [419.0, 149.0]]]  # one prompt with two points
     enc = processor(images=image, input_points=[points], input_labels=[[[1, 0]]], return_tensors="pt")
     torch.testing.assert_close(scale_coords(points, (150, 420), reshaped), enc["input_points"][0].float())
+
+
+def _cache_files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _build_once(tiny_model_dir, small_folder, cache, **kwargs):
+    model = SamModel.from_pretrained(tiny_model_dir)
+    ip = SamProcessor.from_pretrained(tiny_model_dir).image_processor
+    # A filtered split has an indices mapping, as after train_test_split: the case that used to copy the cache.
+    ds = index_objects(load_source(str(small_folder))["train"]).filter(lambda n: n > 0, input_columns="num_objects")
+    assert ds._indices is not None
+    out = add_image_embeddings(ds, model, ip, cache_dir=str(cache), **kwargs)
+    return out, np.stack([read_embedding(out[i]).numpy() for i in range(len(out))])
+
+
+def test_cache_exists_once_on_disk(tiny_model_dir, small_folder, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
+        out, _ = _build_once(tiny_model_dir, small_folder, cache)
+    assert _cache_files(cache) == [f"{p.stem}.arrow" for p in cache.glob("*.arrow")]
+    assert len(_cache_files(cache)) == 1
+    # The dataset reads the one file memory-mapped; nothing else was written beside it.
+    assert [Path(f["filename"]).parent for f in out.cache_files] == [cache]
+    assert "GB needed" in caplog.text and "GB free" in caplog.text
+    # Embeddings are stored as raw array bytes, so reading a row never builds nested Python lists.
+    assert isinstance(out[0]["image_embeddings"], bytes)
+
+
+def _row_offset(path, blob: bytes) -> int:
+    data = path.read_bytes()
+    offset = data.find(blob[1000:1200])
+    assert offset > 0 and data.count(blob[1000:1200]) == 1
+    return offset
+
+
+@pytest.mark.parametrize("damage", ["nan_row", "swap_rows", "truncate", "empty", "overwrite"])
+def test_damaged_cache_is_moved_aside_and_rebuilt(tiny_model_dir, small_folder, tmp_path, caplog, damage):
+    cache = tmp_path / "cache"
+    out, first = _build_once(tiny_model_dir, small_folder, cache)
+    (path,) = cache.glob("*.arrow")
+    size = path.stat().st_size
+    if damage == "nan_row":  # 16 KiB of float16 NaN inside row 1's embedding
+        offset = _row_offset(path, out[1]["image_embeddings"])
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(np.full(8192, np.nan, np.float16).tobytes())
+    elif damage == "swap_rows":  # rows 0 and 1 exchange their embedding bytes, all else in place
+        a, b = out[0]["image_embeddings"], out[1]["image_embeddings"]
+        assert len(a) == len(b) and a != b
+        data = path.read_bytes()
+        start_a, start_b = data.find(a), data.find(b)
+        data = bytearray(data)
+        data[start_a : start_a + len(a)], data[start_b : start_b + len(b)] = b, a
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(b"not an arrow file at all" * 100)
+    assert path.stat().st_size != size or damage in ("nan_row", "swap_rows")
+    del out
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
+        _, rebuilt = _build_once(tiny_model_dir, small_folder, cache)
+    assert f"Embedding cache {path} is damaged" in caplog.text
+    np.testing.assert_array_equal(rebuilt, first)
+    aside = [p for p in cache.iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and aside[0].name.startswith(path.name)
+    assert path.is_file()
+
+
+def test_damage_found_when_reading_stops_training(tiny_model_dir, small_folder, tmp_path, monkeypatch):
+    import sam_hf.cache as cache_module
+    from sam_hf.run import quarantine_damaged
+
+    monkeypatch.setattr(cache_module, "VERIFY_ON_OPEN_MAX_BYTES", 0)  # a large cache: checked per row, when read
+    cache = tmp_path / "cache"
+    out, _ = _build_once(tiny_model_dir, small_folder, cache)
+    (path,) = cache.glob("*.arrow")
+    offset = _row_offset(path, out[1]["image_embeddings"])  # opening checks only the first and last rows
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.full(64, np.nan, np.float16).tobytes())
+    out, _ = None, None
+    reopened = add_image_embeddings(
+        index_objects(load_source(str(small_folder))["train"]),
+        SamModel.from_pretrained(tiny_model_dir),
+        SamProcessor.from_pretrained(tiny_model_dir).image_processor,
+        cache_dir=str(cache),
+    )
+    train = reopened.remove_columns("image").with_transform(
+        SamTransform(SamProcessor.from_pretrained(tiny_model_dir), train=True)
+    )
+    train[0], train[2]  # sound rows read fine
+    with pytest.raises(cache_module.EmbeddingCacheError, match="fails its checksum"):
+        train[1]
+    message = quarantine_damaged(train)
+    assert str(path) in message and "row 1 fails its checksum" in message and not path.exists()
+
+
+def test_interrupted_build_leaves_no_temporary(tiny_model_dir, small_folder, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / f"{'0' * 32}.arrow.incomplete-999999999"  # left by a killed build (no such process)
+    stale.write_bytes(b"partial")
+    model = SamModel.from_pretrained(tiny_model_dir)
+    calls = []
+
+    def failing(pixel_values):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return SamModel.get_image_embeddings(model, pixel_values)
+
+    monkeypatch.setattr(model, "get_image_embeddings", failing)
+    ds = index_objects(load_source(str(small_folder))["train"])
+    with pytest.raises(OSError, match="No space left"):
+        add_image_embeddings(
+            ds, model, SamProcessor.from_pretrained(tiny_model_dir).image_processor, cache_dir=str(cache)
+        )
+    assert _cache_files(cache) == []
+
+
+def test_cache_build_refuses_without_disk_space(tiny_model_dir, small_folder, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr("sam_hf.cache.shutil.disk_usage", lambda p: usage._replace(free=1000))
+    ds = index_objects(load_source(str(small_folder))["train"])
+    with pytest.raises(OSError, match=r"Not enough disk space .* --embedding_cache_dir"):
+        add_image_embeddings(
+            ds,
+            SamModel.from_pretrained(tiny_model_dir),
+            SamProcessor.from_pretrained(tiny_model_dir).image_processor,
+            cache_dir=str(tmp_path / "cache"),
+        )
