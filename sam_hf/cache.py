@@ -132,13 +132,17 @@ def read_embedding(row: Mapping[str, Any], verify: bool = True) -> torch.Tensor:
     """The `(C, g, g)` float32 embedding of one cached row (a dict with the cache's columns).
 
     Args:
-        row (`Mapping`): at least `image_embeddings`, and `image_digest` / `embedding_checksum` to verify.
+        row (`Mapping`): at least `image_embeddings` (array bytes from this module's cache, or an array-like such as
+            an `Array3D` value), and `image_digest` / `embedding_checksum` to verify the bytes.
         verify (`bool`, *optional*, defaults to `True`): check the row's CRC-32 first.
 
     Raises:
         EmbeddingCacheError: the bytes do not match their checksum or are not an array.
     """
     blob = row["image_embeddings"]
+    if not isinstance(blob, bytes):
+        # An array column (nested lists, numpy or torch) of a dataset that was not built by this module.
+        return torch.as_tensor(np.asarray(blob), dtype=torch.float32)
     if verify and "embedding_checksum" in row:
         if _checksum(row["image_digest"], blob) != row["embedding_checksum"]:
             raise EmbeddingCacheError(
