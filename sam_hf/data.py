@@ -139,14 +139,14 @@ def load_source(
         try:
             validate_repo_id(dataset_name)
             # `data/typo` is a mistyped local path when `data/` is a local directory, not a dataset of Hub user `data`.
-            hub_id = "/" not in dataset_name or not Path(dataset_name.split("/", 1)[0]).is_dir()
+            local_parent = "/" in dataset_name and Path(dataset_name.split("/", 1)[0]).is_dir()
+            why = f"{dataset_name.split('/', 1)[0]}/ is a local directory, so it is not read as a Hub dataset id"
         except HFValidationError:
-            hub_id = False
-        if not hub_id:
+            local_parent, why = True, "it is not a Hub dataset id, which reads `name` or `user/name`"
+        if local_parent:
             raise FileNotFoundError(
-                f"--dataset_name {dataset_name}: the path {path.expanduser().absolute()} does not exist (and it is "
-                "not a Hub dataset id, which reads `name` or `user/name`). Expected a Hub dataset id, a directory "
-                "written by save_to_disk, or a folder with images/ and masks/."
+                f"--dataset_name {dataset_name}: the path {path.expanduser().absolute()} does not exist ({why}). "
+                "Expected a Hub dataset id, a directory written by save_to_disk, or a folder with images/ and masks/."
             )
     if path.is_dir() and (path / "images").is_dir():
         dsd = datasets.DatasetDict({"train": load_image_folder(path)})
