@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python scripts/train.py configs/demo.yaml
+	$(BIN)/python scripts/train.py configs/demo.yaml --overwrite_output_dir
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -78,7 +78,7 @@ class DataArguments:
 
 @dataclass
 class SamArguments:
-    """Prompts, freezing and loss."""
+    """Prompts, freezing, loss, and what may happen to an existing output directory."""
 
     box_jitter: float = field(
         default=20.0,
@@ -131,6 +131,15 @@ class SamArguments:
     )
     eval_before_training: bool = field(
         default=True, metadata={"help": "Evaluate the base model first, so the card can report before and after."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an --output_dir that already holds files. Without it (or --resume_from_checkpoint), "
+            "such a run stops before any work. With it, the previous run's checkpoint-* folders, *_results.json, "
+            "trainer_state.json and figures are deleted first, and its model and card are overwritten; other files "
+            "are kept."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -127,9 +127,29 @@ def load_source(
 ) -> datasets.DatasetDict:
     """Load a Hub dataset id, a `save_to_disk` directory, or an images/masks folder as a `DatasetDict`.
 
-    The returned splits have the columns `image` and `label` (renamed from `image_column` / `mask_column`).
+    The returned splits have the columns `image` and `label` (renamed from `image_column` / `mask_column`). A name
+    that does not exist locally is looked up on the Hub only if it is a valid Hub id (`name` or `user/name`, checked
+    with `huggingface_hub`'s `validate_repo_id`) whose first part is not a local directory; anything else, such as
+    `./data`, `/data/cells`, `~/cells`, `data/cells/v2` or `data/typo` next to an existing `data/`, raises
+    `FileNotFoundError` at once.
     """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     path = Path(dataset_name)
+    if not path.exists():
+        try:
+            validate_repo_id(dataset_name)
+            # `data/typo` is a mistyped local path when `data/` is a local directory, not a dataset of Hub user `data`.
+            local_parent = "/" in dataset_name and Path(dataset_name.split("/", 1)[0]).is_dir()
+            why = f"{dataset_name.split('/', 1)[0]}/ is a local directory, so it is not read as a Hub dataset id"
+        except HFValidationError:
+            local_parent, why = True, "it is not a Hub dataset id, which reads `name` or `user/name`"
+        if local_parent:
+            raise FileNotFoundError(
+                f"--dataset_name {dataset_name}: the path {path.expanduser().absolute()} does not exist ({why}). "
+                "Expected a Hub dataset id, a directory written by save_to_disk, or a folder with images/ and masks/."
+            )
     if path.is_dir() and (path / "images").is_dir():
         dsd = datasets.DatasetDict({"train": load_image_folder(path)})
         image_column, mask_column = "image", "label"

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ParameterCount",
     "count_parameters",
+    "declare_tied_weights_unsaved",
     "freeze_modules",
     "load_model_and_processor",
     "tiny_sam_config",
@@ -186,9 +187,26 @@ def load_model_and_processor(
             f"Could not load a SAM model from --model_name_or_path={model_name_or_path!r}: expected a Hub id such as "
             "'facebook/sam-vit-base' or a directory holding config.json and model weights."
         ) from err
+    declare_tied_weights_unsaved(model)
     processor = SamProcessor.from_pretrained(model_name_or_path, **kwargs)
     check_processor_matches_model(processor, model.config)
     return model, processor
+
+
+def declare_tied_weights_unsaved(model: SamModel) -> SamModel:
+    """Declare the model's tied copies (`prompt_encoder.shared_embedding.positional_embedding`, the same tensor as
+    `shared_image_embedding.positional_embedding`) in `_keys_to_ignore_on_save`.
+
+    `save_pretrained` writes a tied tensor once, under its source name, so every checkpoint lacks the copy. Loading a
+    checkpoint back into the model with `load_state_dict` (the Trainer's `load_best_model_at_end` and
+    `resume_from_checkpoint`) therefore reports it missing, and the Trainer warns "There were missing keys in the
+    checkpoint model loaded" unless the missing keys are exactly the declared unsaved ones, in which case it re-ties
+    them. What is saved and every value loaded stay as they were.
+    """
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    if tied:
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | tied
+    return model
 
 
 def low_res_mask_side(config: SamConfig) -> int:

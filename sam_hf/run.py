@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -15,10 +17,12 @@ import torch
 import transformers
 import yaml
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .cache import EmbeddingCacheError, add_image_embeddings, quarantine, verify_embedding_cache
 from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, index_objects, load_source, split_source
+from .hub import FIGURES, check_hub_access
 from .loss import SamDiceCELoss
 from .metrics import compute_metrics
 from .modeling import count_parameters, freeze_modules, freeze_unused_decoder_outputs, load_model_and_processor
@@ -26,9 +30,25 @@ from .trainer import SamTrainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["box_baseline_dice", "config_to_argv", "parse_args", "run_training", "write_figures"]
+__all__ = [
+    "box_baseline_dice",
+    "check_arguments",
+    "check_output_dir",
+    "config_to_argv",
+    "default_output_dir",
+    "parse_args",
+    "run_training",
+    "write_figures",
+]
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, SamArguments, TrainingArguments)
+
+# What a previous run left in its output dir that would otherwise mix into a new one there: checkpoints (rotated by
+# step number, so an old run's later checkpoint would outlive the new run's), metrics (all_results.json is merged,
+# not replaced), the log history and the figures (the card embeds those it finds). --overwrite_output_dir removes them;
+# the model, processor and card files are overwritten by the new run.
+PREVIOUS_RUN_FILES = (re.compile(r"^\S*_results\.json$"), re.compile(r"^trainer_state\.json$"))
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
 
 
 def parse_args(
@@ -42,9 +62,29 @@ def parse_args(
         path = os.path.abspath(argv[0])
         if len(argv) == 1:
             load = parser.parse_json_file if path.endswith(".json") else parser.parse_yaml_file
-            return load(path)
+            model_args, data_args, sam_args, training_args = load(path)
+            with open(path) as f:
+                given = "output_dir" in (json.load(f) if path.endswith(".json") else yaml.safe_load(f))
+            return _with_output_dir(model_args, data_args, sam_args, training_args, given)
         argv = config_to_argv(path) + list(argv[1:])
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, sam_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # argparse also accepts --output-dir, --output_dir=x and unique prefixes such as --output.
+    flags = (a.split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--"))
+    given = any(len(f) > 3 and "__output_dir".startswith(f) for f in flags)
+    return _with_output_dir(model_args, data_args, sam_args, training_args, given)
+
+
+def default_output_dir(model_name_or_path: str, dataset_name: str) -> str:
+    """`runs/<model>-<dataset>`: the last path component of each, e.g. `runs/sam-vit-base-nuclei` for
+    `facebook/sam-vit-base` on `someone/nuclei`, or `runs/tiny-sam-base-nuclei_demo` for local folders."""
+    return os.path.join("runs", f"{Path(model_name_or_path).name}-{Path(dataset_name).name}")
+
+
+def _with_output_dir(model_args, data_args, sam_args, training_args, given: bool):
+    # TrainingArguments replaces a missing --output_dir by ./trainer_output, shared by every run; name it instead.
+    if not given:
+        training_args.output_dir = default_output_dir(model_args.model_name_or_path, data_args.dataset_name)
+    return model_args, data_args, sam_args, training_args
 
 
 def config_to_argv(path: str) -> list[str]:
@@ -78,7 +118,7 @@ def write_figures(
     """Write `loss_curves.png` and `eval_predictions.png` (tuned model against ground truth on up to 4 eval images)
     to the output dir; skipped with a warning when matplotlib (`sam_hf[viz]`) is missing."""
     try:
-        from .viz import plot_base_vs_tuned, plot_loss_curves, save_figure
+        from .viz import has_loss_curves, plot_base_vs_tuned, plot_loss_curves, save_figure
     except ImportError as err:
         logger.warning("No figures written: %s (install sam_hf[viz]).", err)
         return []
@@ -86,7 +126,15 @@ def write_figures(
     from .inference import SamPredictor
 
     out = Path(trainer.args.output_dir)
-    written = [save_figure(plot_loss_curves(out), out / "loss_curves.png")]
+    written = []
+    if has_loss_curves(out):
+        written.append(save_figure(plot_loss_curves(out), out / "loss_curves.png"))
+    else:
+        logger.info(
+            "loss_curves.png not written: the run logged no loss and no evaluation (max_steps %s, logging_steps %s).",
+            trainer.args.max_steps,
+            trainer.args.logging_steps,
+        )
     if eval_images is not None and len(eval_images):
         model = trainer.accelerator.unwrap_model(trainer.model)
         was_training = model.training
@@ -101,7 +149,8 @@ def write_figures(
         )
         written.append(save_figure(plot_base_vs_tuned(result["figure_samples"]), out / "eval_predictions.png"))
         model.train(was_training)
-    logger.info("Wrote %s", ", ".join(p.name for p in written))
+    if written:
+        logger.info("Wrote %s", ", ".join(p.name for p in written))
     return written
 
 
@@ -118,6 +167,68 @@ def quarantine_damaged(*splits: datasets.Dataset | None) -> str:
     if not moved:
         return "No damaged cache file was found on disk."
     return "; ".join(moved) + ". Run the same command again to rebuild it."
+
+
+def check_arguments(training_args: TrainingArguments) -> None:
+    """Refuse `TrainingArguments` values that would silently do something else than asked."""
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(
+            f"--max_steps must be a positive number of optimizer steps, or -1 (the default) to train for "
+            f"--num_train_epochs; got {training_args.max_steps}."
+        )
+
+
+def check_output_dir(
+    training_args: TrainingArguments, overwrite_output_dir: bool = False, remove_previous_run: bool | None = None
+) -> None:
+    """Refuse to train into an output dir that already holds files, unless resuming or overwriting.
+
+    A new run in a used directory would delete the previous run's checkpoints by rotation and overwrite its model,
+    card and metrics. An empty or missing directory is fine; so are hidden entries (`.gitignore`, `.DS_Store`). With
+    `--resume_from_checkpoint` the directory is the run being continued. With `--overwrite_output_dir` the previous
+    run's checkpoints, `*_results.json`, `trainer_state.json` and figures are deleted (by the process that saves,
+    `training_args.should_save`, unless `remove_previous_run` says otherwise) so they cannot mix into the new run.
+
+    Every process may call this: nothing is written to the output dir before the first barrier of `run_training`, so
+    all processes see the same directory.
+    """
+    out = Path(training_args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file, not a directory.")
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    resuming = bool(training_args.resume_from_checkpoint)
+    if resuming and overwrite_output_dir:
+        raise ValueError(
+            "--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir would delete it; "
+            "pass only one of them."
+        )
+    if not entries or resuming:
+        return
+    checkpoints = sorted((e for e in entries if _CHECKPOINT.match(e)), key=lambda e: int(e.rsplit("-", 1)[1]))
+    if not overwrite_output_dir:
+        others = [e for e in entries if e not in checkpoints]
+        held = ([f"{len(checkpoints)} checkpoint(s) ({', '.join(checkpoints)})"] if checkpoints else []) + others[:8]
+        held += [f"and {len(others) - 8} more"] if len(others) > 8 else []
+        last = get_last_checkpoint(str(out))
+        resume = f"--resume_from_checkpoint {last}" if last else "--resume_from_checkpoint <checkpoint dir>"
+        raise ValueError(
+            f"--output_dir {out} already holds a previous run: {', '.join(held)}. Training into it would delete its "
+            f"checkpoints by rotation and overwrite its model, card and metrics. Pass {resume} to continue that "
+            f"run, --overwrite_output_dir to replace it, or another --output_dir."
+        )
+    if not (training_args.should_save if remove_previous_run is None else remove_previous_run):
+        return
+    stale = checkpoints + [
+        e for e in entries if any(p.match(e) for p in PREVIOUS_RUN_FILES) or e in {name for name, _ in FIGURES}
+    ]
+    for name in stale:
+        path = out / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    logger.warning(
+        "--overwrite_output_dir: replacing the previous run in %s%s.",
+        out,
+        f" (deleted {', '.join(stale)})" if stale else "",
+    )
 
 
 def _setup_logging(training_args: TrainingArguments) -> None:
@@ -143,10 +254,27 @@ def run_training(
     `log_metrics` / `save_metrics` / `save_state`, `evaluate`, then `push_to_hub` or `create_model_card`.
     """
     _setup_logging(training_args)
+    # Everything that can refuse the run does so here, before the data, the model or the Hub is touched.
+    check_arguments(training_args)
+    check_output_dir(training_args, sam_args.overwrite_output_dir)
+    if training_args.should_log:
+        default = default_output_dir(model_args.model_name_or_path, data_args.dataset_name)
+        log = logger.warning if os.path.normpath(training_args.output_dir) == default else logger.info
+        log(
+            "Writing the run to %s%s",
+            training_args.output_dir,
+            " (no --output_dir given)" if log is logger.warning else "",
+        )
+    if training_args.push_to_hub and training_args.process_index == 0:
+        check_hub_access(training_args.hub_model_id, training_args.hub_token)
     if training_args.ddp_find_unused_parameters is None:
         # Parameters single-mask training never reaches are frozen (freeze_unused_decoder_outputs), so DDP need not
         # search the graph for them at every step.
         training_args.ddp_find_unused_parameters = False
+    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
+        # Pinned host memory only speeds up copies to an accelerator; without one, torch warns on every dataloader.
+        training_args.dataloader_pin_memory = False
+        logger.info("dataloader_pin_memory turned off: training on the CPU.")
     set_seed(training_args.seed)
 
     model, processor = load_model_and_processor(
@@ -301,7 +429,12 @@ def run_training(
         all_metrics.update(metrics)
 
     if trainer.is_world_process_zero():
-        write_figures(trainer, processor, figure_images, data_args.mask_type)
+        # The model and metrics are saved: an optional figure must not fail the run, nor keep the card or the push
+        # from happening.
+        try:
+            write_figures(trainer, processor, figure_images, data_args.mask_type)
+        except Exception as err:
+            logger.warning("Figures not written (%s: %s).", type(err).__name__, err, exc_info=True)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training")
     else:

@@ -52,6 +52,7 @@ __all__ = [
     "boxes_from_masks",
     "compare_runs",
     "dice_per_object",
+    "has_loss_curves",
     "figure_to_array",
     "load_trainer_state",
     "metric_summary",
@@ -619,6 +620,15 @@ def _style(ax: Axes, title: str, ylabel: str) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
+def has_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any]) -> bool:
+    """Whether a run's trainer state logs anything `plot_loss_curves` draws (train or eval loss, eval Dice or IoU).
+
+    A short run with `max_steps` below `logging_steps` and no evaluation logs none of them.
+    """
+    state = load_trainer_state(trainer_state)
+    return any(len(_series(state, key)[0]) for key in ("loss", "eval_loss", "eval_dice", "eval_iou"))
+
+
 def plot_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any], title: str | None = None) -> Figure:
     """Train and eval loss against step, and eval Dice (and IoU) on a second panel, from a run's trainer state.
 
@@ -638,13 +648,13 @@ def plot_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any], title
         path = _state_path(trainer_state)
         title = (path.parent.parent if path.parent.name.startswith("checkpoint-") else path.parent).name
     state = load_trainer_state(trainer_state)
+    if not has_loss_curves(state):
+        raise ValueError("The trainer state logs no loss and no evaluation: nothing to plot.")
     base = state.get("_base_eval") or {}
     train_steps, train_loss = _series(state, "loss")
     eval_steps, eval_loss = _series(state, "eval_loss")
     scores = {name: _series(state, f"eval_{name}") for name in ("dice", "iou")}
     scores = {name: series for name, series in scores.items() if len(series[0])}
-    if not len(train_steps) and not len(eval_steps) and not scores:
-        raise ValueError("The trainer state logs no loss and no evaluation: nothing to plot.")
     best_step = state.get("best_global_step")
 
     fig = _new_figure(10.0 if scores else 5.5, 3.8)

@@ -1,8 +1,9 @@
 """A minimal stand-in for the Hugging Face Hub HTTP API on 127.0.0.1, for offline tests of the upload path.
 
-It answers the calls `HfApi.create_repo` and `HfApi.upload_folder` make (repo creation, pre-upload, commit) and
-records every request, so a test can check which files would reach the Hub and which token authorised them.
-Files are always asked for inline ("regular" upload mode), so their bytes arrive in the commit payload.
+It answers the calls `HfApi.whoami`, `HfApi.create_repo` and `HfApi.upload_folder` make (token check, repo
+creation, pre-upload, commit) and records every request, so a test can check which files would reach the Hub and
+which token authorised them. Files are always asked for inline ("regular" upload mode), so their bytes arrive in the
+commit payload.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeHub:
-    def __init__(self):
+    """`token`: when given, `whoami` accepts only this token (401 otherwise); `role`: the role `whoami` reports."""
+
+    def __init__(self, token: str | None = None, role: str = "write"):
         self.requests: list[dict] = []
         self.files: dict[str, bytes] = {}
         self.commits: list[dict] = []
@@ -46,6 +49,18 @@ class FakeHub:
                     }
                 )
                 path = self.path.split("?")[0]
+                if self.command == "GET" and path == "/api/whoami-v2":
+                    auth = self.headers.get("Authorization") or ""
+                    if not auth.startswith("Bearer ") or (token is not None and auth != f"Bearer {token}"):
+                        return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+                    return self._reply(
+                        200,
+                        {
+                            "type": "user",
+                            "name": "someone",
+                            "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}},
+                        },
+                    )
                 if self.command == "POST" and path == "/api/repos/create":
                     spec = json.loads(body)
                     repo = (

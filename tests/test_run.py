@@ -1,0 +1,234 @@
+"""What `run_training` refuses up front, and what must never fail a finished run."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+import yaml
+from fake_hub import FakeHub
+from huggingface_hub import ModelCard, constants
+from safetensors.torch import load_file
+from transformers import SamModel, Trainer, TrainingArguments
+
+from sam_hf.data import load_source
+from sam_hf.hub import check_hub_access, render_model_card
+from sam_hf.modeling import load_model_and_processor
+from sam_hf.run import check_output_dir, parse_args, run_training
+
+TOKEN = "hf_samhfTestSecret0123456789abcdef"
+
+
+def _argv(model_dir, data_dir, out, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_train_samples", "4",
+        "--max_eval_samples", "2", "--max_objects_per_image", "4", "--eval_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if run_training gets as far as loading the model (the first expensive step)."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("run_training loaded the model before refusing the run")
+
+    monkeypatch.setattr("sam_hf.run.load_model_and_processor", load)
+
+
+def _previous_run(out: Path) -> None:
+    (out / "checkpoint-600").mkdir(parents=True)
+    (out / "checkpoint-600" / "trainer_state.json").write_text("{}")
+    (out / "trainer_state.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"old weights")
+    (out / "all_results.json").write_text(json.dumps({"eval_dice": 0.99, "stale_key": 1}))
+    (out / "eval_results.json").write_text(json.dumps({"eval_dice": 0.99}))
+    (out / "eval_predictions.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (out / "notes.txt").write_text("mine")
+
+
+def test_refuses_an_output_dir_holding_a_previous_run(tiny_model_dir, nuclei_dir, tmp_path, no_loading):
+    out = tmp_path / "run"
+    _previous_run(out)
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(ValueError) as err:
+        run_training(*parse_args(_argv(tiny_model_dir, nuclei_dir, out)))
+    message = str(err.value)
+    assert str(out) in message and "checkpoint-600" in message and "model.safetensors" in message
+    assert f"--resume_from_checkpoint {out / 'checkpoint-600'}" in message and "--overwrite_output_dir" in message
+    assert (
+        sorted(p.name for p in out.rglob("*")) == before and (out / "model.safetensors").read_bytes() == b"old weights"
+    )
+
+
+def test_output_dir_check_lets_empty_missing_and_resumed_dirs_through(tmp_path):
+    def args(out, **kw):
+        return TrainingArguments(output_dir=str(out), report_to="none", **kw)
+
+    check_output_dir(args(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    check_output_dir(args(tmp_path / "empty"))
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".gitignore").write_text("*")
+    check_output_dir(args(tmp_path / "hidden"))
+    _previous_run(tmp_path / "used")
+    check_output_dir(args(tmp_path / "used", resume_from_checkpoint=str(tmp_path / "used" / "checkpoint-600")))
+    assert (tmp_path / "used" / "checkpoint-600").is_dir()
+    with pytest.raises(ValueError, match="pass only one of them"):
+        check_output_dir(args(tmp_path / "used", resume_from_checkpoint="x"), overwrite_output_dir=True)
+    # Only the process that saves deletes; the others go on without refusing.
+    check_output_dir(args(tmp_path / "used"), overwrite_output_dir=True, remove_previous_run=False)
+    assert (tmp_path / "used" / "checkpoint-600").is_dir()
+
+
+def test_overwrite_output_dir_replaces_the_previous_run(tiny_model_dir, nuclei_dir, tmp_path):
+    out = tmp_path / "run"
+    _previous_run(out)
+    extra = ("--overwrite_output_dir", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1")
+    run_training(*parse_args(_argv(tiny_model_dir, nuclei_dir, out, *extra)))
+    # Rotation kept the new checkpoint, not the old run's later one; metrics and figures are the new run's only.
+    assert not (out / "checkpoint-600").exists() and (out / "checkpoint-2").is_dir()
+    assert "stale_key" not in json.loads((out / "all_results.json").read_text())
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "model.safetensors").read_bytes() != b"old weights"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "eval_predictions.png").exists() or "eval_dice" in (out / "eval_results.json").read_text()
+
+
+def test_short_run_without_logged_loss_finishes_with_its_card(
+    tiny_model_dir, nuclei_dir, tmp_path, monkeypatch, caplog
+):
+    """--max_steps 2 logs no loss: no loss figure, and a failing figure is a warning, not a failed run."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("figure backend exploded")
+
+    monkeypatch.setattr("sam_hf.viz.plot_base_vs_tuned", broken)
+    out = tmp_path / "short"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run_training(*parse_args(_argv(tiny_model_dir, nuclei_dir, out)))
+    assert "train_loss" in metrics and (out / "model.safetensors").is_file()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "mask-generation" and "loss_curves.png" not in card.text
+    assert not (out / "loss_curves.png").exists()
+    assert "Figures not written (RuntimeError: figure backend exploded)" in caplog.text
+    # No accelerator: pinned memory is turned off instead of torch warning about it at every dataloader.
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
+
+
+def test_card_is_written_when_the_full_card_cannot_be_rendered(tmp_path, monkeypatch, caplog):
+    def missing():
+        raise FileNotFoundError("template gone")
+
+    monkeypatch.setattr("sam_hf.hub.model_card_template", missing)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    card = render_model_card(SimpleNamespace(args=args), base_model="tiny-sam-base", dataset_name="nuclei_demo")
+    assert card.data.pipeline_tag == "mask-generation" and card.data.library_name == "transformers"
+    assert card.data.base_model == "tiny-sam-base" and "tiny-sam-base" in card.text
+    assert "template gone" in caplog.text
+
+
+def test_push_to_hub_offline_fails_before_any_work(tiny_model_dir, nuclei_dir, tmp_path, monkeypatch, no_loading):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    argv = _argv(tiny_model_dir, nuclei_dir, tmp_path / "o", "--push_to_hub", "--hub_model_id", "someone/x")
+    with pytest.raises(OSError, match=r"offline mode \(HF_HUB_OFFLINE=1\).*drop --push_to_hub"):
+        run_training(*parse_args(argv))
+
+
+def test_hub_check_says_what_failed(monkeypatch, tmp_path):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(OSError, match="needs a Hub token.*none was found.*hf auth login.*drop --push_to_hub"):
+        check_hub_access("someone/x")
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(OSError, match=r"could not reach the Hub at http://127.0.0.1:9.*drop --push_to_hub"):
+        check_hub_access("someone/x", TOKEN)
+
+    with FakeHub(token=TOKEN) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        with pytest.raises(OSError, match="rejected the token.*hf auth login"):
+            check_hub_access("someone/x", "hf_wrong")
+        assert check_hub_access("someone/x", TOKEN)["name"] == "someone"
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        assert check_hub_access("someone/x")["name"] == "someone"
+    with FakeHub(role="read") as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        with pytest.raises(OSError, match="read-only"):
+            check_hub_access("someone/x", TOKEN)
+
+
+@pytest.mark.parametrize("name", ["{tmp}/missing", "./missing-sam-hf", "~/missing-sam-hf", "a/b/c", "data/typo"])
+def test_missing_local_dataset_path_is_not_looked_up_on_the_hub(name, tmp_path, monkeypatch):
+    def hub(*args, **kwargs):
+        raise AssertionError("looked up on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_source(name.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize("name", ["nuclei", "someone/nuclei"])
+def test_hub_dataset_ids_still_go_to_the_hub(name, tmp_path, monkeypatch):
+    calls = []
+    empty = datasets.Dataset.from_dict({"image": [], "label": []})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or datasets.DatasetDict(train=empty))
+    monkeypatch.chdir(tmp_path)
+    load_source(name)
+    assert calls and calls[0][0] == name
+
+
+def test_default_output_dir_is_named_after_model_and_dataset(tmp_path):
+    base = ["--model_name_or_path", "facebook/sam-vit-base", "--dataset_name", "data/nuclei_demo"]
+    assert parse_args(base)[3].output_dir == str(Path("runs") / "sam-vit-base-nuclei_demo")
+    for given in (["--output_dir", "x"], ["--output-dir", "x"], ["--output_dir=x"], ["--output_d", "x"]):
+        assert parse_args(base + given)[3].output_dir == "x", given
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": "models/tiny-sam-base", "dataset_name": "d/cells"}))
+    assert parse_args([str(config)])[3].output_dir == str(Path("runs") / "tiny-sam-base-cells")
+    assert parse_args([str(config), "--max_steps", "3"])[3].output_dir == str(Path("runs") / "tiny-sam-base-cells")
+
+
+def test_max_steps_zero_is_refused(tiny_model_dir, nuclei_dir, tmp_path, no_loading):
+    argv = _argv(tiny_model_dir, nuclei_dir, tmp_path / "o")
+    argv[argv.index("--max_steps") + 1] = "0"
+    with pytest.raises(ValueError, match=r"--max_steps must be a positive number.*or -1.*got 0"):
+        run_training(*parse_args(argv))
+
+
+def test_reloading_a_checkpoint_reports_no_missing_tied_buffer(tiny_model_dir, tmp_path, monkeypatch):
+    """The prompt encoder's positional embedding is tied to shared_image_embedding and never saved; reloading a
+    checkpoint (load_best_model_at_end, resume) must re-tie it without a "missing keys" warning, values unchanged."""
+    import transformers.trainer
+
+    model, _ = load_model_and_processor(str(tiny_model_dir))
+    model.eval()
+    plain = SamModel.from_pretrained(tiny_model_dir).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    saved, base = load_file(tmp_path / "ckpt" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)
+
+    logged = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda msg, *a, **k: logged.append(msg))
+    Trainer._issue_warnings_after_load(SimpleNamespace(model=model), model.load_state_dict(saved, strict=False))
+    assert not logged
+    pos = model.prompt_encoder.shared_embedding.positional_embedding
+    assert pos.data_ptr() == model.shared_image_embedding.positional_embedding.data_ptr()
+
+    torch.manual_seed(0)
+    pixels, boxes = torch.randn(1, 3, 256, 256), torch.tensor([[[10.0, 20.0, 90.0, 120.0]]])
+    with torch.no_grad():
+        a, b = plain(pixel_values=pixels, input_boxes=boxes), model(pixel_values=pixels, input_boxes=boxes)
+    assert torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.iou_scores, b.iou_scores)
