@@ -14,6 +14,7 @@ The pipeline is:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import zlib
@@ -44,6 +45,7 @@ __all__ = [
     "jitter_boxes",
     "load_source",
     "mask_to_instances",
+    "object_labels",
     "resize_and_pad_masks",
     "scale_coords",
     "to_rgb_array",
@@ -388,6 +390,48 @@ def resize_and_pad_masks(masks: torch.Tensor, longest_edge: int, pad_size: int) 
     return F.pad(resized, (0, pad_size - new_w, 0, pad_size - new_h))
 
 
+@functools.lru_cache(maxsize=32)
+def _resize_weights(size: int, new_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The `(new_size, size)` matrix of `F.interpolate(mode="bilinear", antialias=True)` along one axis, and for each
+    input index the first and last output index it reaches."""
+    # F.interpolate of an identity image along its last axis (the other axis keeps its size, an exact identity).
+    eye = torch.eye(size)[None, None]
+    weights = F.interpolate(eye, size=(size, new_size), mode="bilinear", antialias=True, align_corners=False)[0, 0].T
+    reached = (weights != 0).numpy()
+    first = reached.argmax(axis=0)
+    last = new_size - 1 - reached[::-1].argmax(axis=0)
+    return weights.contiguous(), first, last
+
+
+def object_labels(
+    instances: np.ndarray, boxes: np.ndarray, ids: np.ndarray, longest_edge: int, pad_size: int
+) -> torch.Tensor:
+    """Soft low-resolution labels `(K, pad_size, pad_size)` of the objects `ids` of an instance map, equal (to float
+    rounding) to `resize_and_pad_masks` of their full-resolution masks, computed only inside each object's box.
+
+    Antialiased bilinear resizing is separable: an object's label is `Wy @ mask @ Wx.T` with one resize matrix per
+    axis, and only the rows of `Wy` and `Wx` that reach the object's box are non-zero. Each object therefore costs a
+    product of its box-sized crop instead of a resize of the whole image, which is what keeps label building off the
+    critical path of a training step.
+
+    Args:
+        instances (`np.ndarray`): `(H, W)` instance map.
+        boxes (`np.ndarray`): `(K, 4)` exact inclusive xyxy boxes of the objects (`index_objects`' `boxes`).
+        ids (`np.ndarray`): `(K,)` instance ids of the objects.
+        longest_edge (`int`) / pad_size (`int`): the processor's `mask_size["longest_edge"]` and mask pad size.
+    """
+    height, width = instances.shape
+    new_h, new_w = resized_shape(height, width, longest_edge)
+    wy, first_y, last_y = _resize_weights(height, new_h)
+    wx, first_x, last_x = _resize_weights(width, new_w)
+    out = torch.zeros(len(ids), pad_size, pad_size)
+    for k, ((x0, y0, x1, y1), obj) in enumerate(zip(np.asarray(boxes, np.int64), ids)):
+        crop = torch.from_numpy(instances[y0 : y1 + 1, x0 : x1 + 1] == obj).float()
+        j0, j1, i0, i1 = first_y[y0], last_y[y1] + 1, first_x[x0], last_x[x1] + 1
+        out[k, j0:j1, i0:i1] = wy[j0:j1, y0 : y1 + 1] @ crop @ wx[i0:i1, x0 : x1 + 1].T
+    return out.clamp_(0, 1)
+
+
 class SamTransform:
     """On-the-fly transform for `Dataset.with_transform`: images + objects -> SAM inputs and labels.
 
@@ -502,18 +546,16 @@ class SamTransform:
             instances = mask_to_instances(batch["label"][row], self.mask_type)
             rng = self.row_rng(self._row_key(batch, row)) if self.train else None
             keep = self.select(len(batch["boxes"][row]), rng)
-            boxes = np.asarray(batch["boxes"][row], np.float32)[keep]
-            if self.box_jitter:
-                boxes = jitter_boxes(boxes, self.box_jitter, original_size, rng)
+            exact = np.asarray(batch["boxes"][row], np.float32)[keep]
+            boxes = jitter_boxes(exact, self.box_jitter, original_size, rng) if self.box_jitter else exact
             ids = torch.from_numpy(keep + 1)
             inst = torch.from_numpy(instances)
-            masks = inst[None] == ids[:, None, None]
             out["input_boxes"].append(scale_coords(boxes, original_size, reshaped_size))
             if self.point_prompts:
                 points = self.sample_points(instances, keep + 1, rng)
                 out["input_points"].append(scale_coords(points, original_size, reshaped_size)[:, None])
                 out["input_labels"].append(torch.ones(len(keep), 1, dtype=torch.long))
-            out["labels"].append(resize_and_pad_masks(masks, self.mask_longest_edge, self.mask_pad))
+            out["labels"].append(object_labels(instances, exact, keep + 1, self.mask_longest_edge, self.mask_pad))
             out["original_sizes"].append(torch.tensor(original_size))
             out["reshaped_input_sizes"].append(torch.tensor(reshaped_size))
             if self.with_instances:

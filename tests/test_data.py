@@ -294,3 +294,30 @@ def test_point_prompts_lie_inside_their_objects(nuclei_dir, tiny_model_dir):
         assert batch["input_labels"][row].tolist() == [[1]] * len(pts)
     collated = SamDataCollator()([{k: v[i] for k, v in batch.items()} for i in range(2)])
     assert collated["input_points"].shape == (2, 5, 1, 2) and collated["input_labels"].shape == (2, 5, 1)
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (383, 512), (512, 243), (40, 30), (7, 300), (64, 64)])
+def test_object_labels_equal_full_frame_resize(shape):
+    from scipy import ndimage
+
+    from sam_hf.data import boxes_from_instances, object_labels
+
+    rng = np.random.default_rng(sum(shape))
+    blobs = ndimage.gaussian_filter(rng.random(shape), 2) > 0.52
+    instances = ndimage.label(blobs)[0].astype(np.int32)
+    assert instances.max() > 0
+    boxes = boxes_from_instances(instances)
+    ids = np.arange(1, len(boxes) + 1)
+    for longest_edge, pad in ((64, 64), (256, 256), (48, 64)):
+        full = resize_and_pad_masks(torch.from_numpy(instances)[None] == torch.from_numpy(ids)[:, None, None],
+                                    longest_edge, pad)  # fmt: skip
+        fast = object_labels(instances, boxes, ids, longest_edge, pad)
+        torch.testing.assert_close(fast, full, rtol=0, atol=2e-6)
+    # A subset of objects, in another order, gives the matching subset of labels.
+    pick = ids[::-1][: max(1, len(ids) // 3)]
+    torch.testing.assert_close(
+        object_labels(instances, boxes[pick - 1], pick, 64, 64),
+        object_labels(instances, boxes, ids, 64, 64)[pick - 1],
+        rtol=0,
+        atol=0,
+    )
