@@ -400,3 +400,20 @@ def test_timeout_gives_504_and_the_server_recovers(tiny_model_dir, nuclei_png):
         )
         assert response.status_code == 504
         assert c.get("/health").json()["ready"] is True
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (64, 4), (1, 1), (2, 3)])
+def test_tiny_images_are_segmented_at_their_own_size(client, shape):
+    """An image 1 to 4 pixels high is not read channels-first: boxes are checked against its own W x H and the
+    masks come back at its own size."""
+    height, width = shape
+    image = _png_bytes(Image.fromarray(np.random.default_rng(width).integers(0, 255, (height, width, 3), np.uint8)))
+    response = _segment(client, image, {"boxes": [[0, 0, width, height]], "points": [[[0, 0]]]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"]) == (width, height)
+    assert _decode_masks(body).shape == (1, 1, height, width)
+    if height != width:
+        response = _segment(client, image, {"boxes": [[0, 0, height, width]]})
+        assert response.status_code == 422, response.text
+        assert f"outside the {width}x{height} image" in response.json()["detail"]
