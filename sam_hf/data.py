@@ -428,22 +428,29 @@ def resized_shape(height: int, width: int, longest_edge: int) -> tuple[int, int]
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def resize_and_pad_masks(masks: torch.Tensor, longest_edge: int, pad_size: int) -> torch.Tensor:
+def resize_and_pad_masks(masks: torch.Tensor, longest_edge: int, pad_size: int, chunk_size: int = 64) -> torch.Tensor:
     """Resize `(N, H, W)` binary masks the way `SamProcessor` resizes the image, then pad bottom/right with zeros.
 
     The masks keep their aspect ratio (longest side `longest_edge`, same rounding as the image processor) and sit
     top-left in a `(pad_size, pad_size)` frame, exactly like the image in `pixel_values`. Area-style (antialiased
     bilinear) resampling gives soft labels in [0, 1], so objects smaller than one low-resolution pixel do not vanish.
 
+    Masks are resized `chunk_size` at a time: besides the input and the output, at most `chunk_size` x H x W float32
+    values exist at once, whatever `N`.
+
     Returns:
         `torch.FloatTensor` of shape `(N, pad_size, pad_size)`.
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     n, height, width = masks.shape
     new_h, new_w = resized_shape(height, width, longest_edge)
-    resized = F.interpolate(
-        masks[:, None].float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
-    )[:, 0].clamp_(0, 1)
-    return F.pad(resized, (0, pad_size - new_w, 0, pad_size - new_h))
+    out = torch.zeros(n, pad_size, pad_size)
+    for start in range(0, n, chunk_size):
+        chunk = masks[start : start + chunk_size, None].float()
+        resized = F.interpolate(chunk, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk_size, :new_h, :new_w] = resized[:, 0].clamp_(0, 1)
+    return out
 
 
 class SamTransform:
