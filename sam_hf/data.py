@@ -298,6 +298,11 @@ def _mask_array(mask: Any) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise ValueError(f"Expected a 2-D mask, got shape {arr.shape}.")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(
+            f"The mask has {int((~np.isfinite(arr)).sum())} NaN or infinite value(s); expected finite labels "
+            "(0 = background)."
+        )
     return arr
 
 
@@ -311,6 +316,10 @@ def mask_to_instances(mask: Any, mask_type: str = "auto") -> np.ndarray:
             - `"binary"`: every 4-connected component of non-zero pixels is one object.
             - `"semantic"`: every connected component of every non-zero class is one object.
             - `"auto"`: `"binary"` when the mask has a single non-zero value, `"instance"` otherwise.
+
+    Any dtype works (bool, integers, floats; ids need not be contiguous). Raises a `ValueError` for a mask that is
+    not 2-D (or 3-D with identical channels), a float mask with NaN or infinite values, a mask decoded from JPEG
+    (see `check_lossless_mask`), or an unknown `mask_type`.
     """
     if mask_type not in MASK_TYPES:
         raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}.")
