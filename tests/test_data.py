@@ -173,6 +173,11 @@ def test_folder_errors_name_the_file(tmp_path):
     (root / "images" / "a.png").write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match=r"Cannot read image file .*a\.png"):
         load_image_folder(root)
+    _write(root / "images" / "a.png", np.random.default_rng(0).integers(0, 255, (10, 10, 3), np.uint8))
+    data = (root / "images" / "a.png").read_bytes()
+    (root / "images" / "a.png").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"Cannot read image file .*a\.png"):
+        load_image_folder(root)
 
 
 def test_empty_after_filtering_and_skips_are_logged(tmp_path, caplog):
