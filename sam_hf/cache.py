@@ -44,7 +44,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 from transformers import SamModel
 
-from .data import to_rgb_array
+from .data import encode_images, to_rgb_array
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ class _ImageRows(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         images = [to_rgb_array(im) for im in self.ds[indices]["image"]]
-        enc = self.image_processor(images=images, return_tensors="pt", input_data_format="channels_last")
+        enc = encode_images(self.image_processor, images)
         return {
             "pixel_values": enc["pixel_values"],
             "original_sizes": np.asarray(enc["original_sizes"]).tolist(),

@@ -56,6 +56,8 @@ _SERVE_LIMITS = [
     ("--max-upload-bytes", "max_upload_bytes", _positive_int, "largest request body in bytes (413 above)"),
     ("--max-image-pixels", "max_image_pixels", _positive_int, "largest image width x height (413 above)"),
     ("--max-prompts", "max_prompts", _positive_int, "most prompts per /segment request (422 above)"),
+    ("--max-points-per-prompt", "max_points_per_prompt", _positive_int, "most points in one prompt (422 above)"),
+    ("--max-boxes-and-points", "max_boxes_and_points", _positive_int, "most boxes + points per request (413 above)"),
     ("--max-mask-pixels", "max_mask_pixels", _positive_int, "most mask pixels in one response (413 above)"),
     ("--max-auto-points", "max_auto_points", _positive_int, "largest points_per_side of /segment/auto (422 above)"),
     ("--request-timeout", "request_timeout_s", _positive_float, "seconds per request before a 504"),

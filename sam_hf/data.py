@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 from transformers import SamProcessor
+from transformers.image_utils import ChannelDimension
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ __all__ = [
     "SamDataCollator",
     "SamTransform",
     "boxes_from_instances",
+    "check_lossless_mask",
+    "encode_images",
     "index_objects",
     "jitter_boxes",
     "load_source",
@@ -58,15 +62,72 @@ __all__ = [
 
 
 def _list_images(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    """Image files of `folder` by stem; two files with one stem (`a.png` and `a.jpg`) are refused, not one dropped."""
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            by_stem.setdefault(p.stem, []).append(p)
+    clashes = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+    if clashes:
+        listed = "; ".join(", ".join(p.name for p in paths) for paths in clashes.values())
+        raise ValueError(
+            f"{folder} has {len(clashes)} file stem(s) shared by several image files ({listed}); images, masks and "
+            "instances are paired by stem, so each stem must name exactly one file. Remove or rename the extra files."
+        )
+    return {stem: paths[0] for stem, paths in by_stem.items()}
 
 
-def _check_readable(path: Path) -> tuple[int, int]:
+#: Pillow formats that store pixels lossily; a mask in one of them has values that were never labels.
+LOSSY_MASK_FORMATS = ("JPEG", "MPO")
+_LOSSY_MASK_MESSAGE = (
+    "masks must be stored losslessly (PNG/TIFF), JPEG compression creates false objects (it blurs every edge into "
+    "values between the labels). Re-export the masks as PNG or TIFF from their original source"
+)
+
+
+def check_lossless_mask(mask: Any, where: str = "mask") -> None:
+    """Raise a `ValueError` if `mask` is a PIL image decoded from a lossy format (JPEG).
+
+    JPEG changes pixel values near every edge, so an instance or binary mask read back from a JPEG file has dozens
+    of spurious values, each of which would become a false object. Arrays and losslessly decoded images pass.
+
+    Args:
+        mask: the mask as given to `mask_to_instances` (a PIL image, or an array, which is not checked).
+        where (`str`, *optional*): what to call the mask in the message (a file name or a dataset row).
+    """
+    fmt = getattr(mask, "format", None) if isinstance(mask, Image.Image) else None
+    if fmt in LOSSY_MASK_FORMATS:
+        name = getattr(mask, "filename", "") or ""
+        source = f" (file {name})" if name and name not in where else ""
+        raise ValueError(f"{where}{source} is a {fmt} image: {_LOSSY_MASK_MESSAGE}.")
+
+
+def _bomb_message(path: Path, err: Exception) -> str:
+    return (
+        f"Image file {path} is larger than Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = "
+        f"{Image.MAX_IMAGE_PIXELS:,} pixels ({err}). If the image is intended, raise the limit before loading the "
+        "data, e.g. `PIL.Image.MAX_IMAGE_PIXELS = 400_000_000` (or None to disable the check) in your launcher; "
+        "otherwise remove or downscale the file."
+    )
+
+
+def _check_readable(path: Path) -> tuple[tuple[int, int], str | None]:
+    """`((width, height), format)` of an image file, or a `ValueError` naming the file."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
-            return im.size
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.verify()
+            with Image.open(path) as im:
+                size, fmt = im.size, im.format
+        for w in caught:
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                logger.warning("%s", _bomb_message(path, w.message).replace("If the image", "Pillow accepts it, but"))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return size, fmt
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(_bomb_message(path, err)) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"Cannot read image file {path}: {err}. Expected a readable image file.") from err
 
@@ -76,8 +137,9 @@ def load_image_folder(folder: str | os.PathLike) -> datasets.Dataset:
 
     The three sub-folders share file stems. When `instances/` exists, its integer instance maps (0 = background)
     are used as masks, otherwise the binary masks of `masks/`. Every pair is checked up front: stems without a
-    partner, files that cannot be read, and images whose size differs from their mask raise a `ValueError` naming
-    the file.
+    partner, files that cannot be read, images beyond Pillow's decompression-bomb limit, masks stored as JPEG (whatever
+    their extension: lossy compression creates false objects), two files sharing a stem, and images whose size
+    differs from their mask raise a `ValueError` naming the file.
 
     Returns:
         `datasets.Dataset` with columns `image`, `label` (both `datasets.Image`) and `file_name` (the stem).
@@ -105,7 +167,13 @@ def load_image_folder(folder: str | os.PathLike) -> datasets.Dataset:
     if not images:
         raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found in {image_dir}.")
     for stem in images:
-        image_size, mask_size = _check_readable(images[stem]), _check_readable(masks[stem])
+        (image_size, _), (mask_size, mask_format) = _check_readable(images[stem]), _check_readable(masks[stem])
+        if mask_format in LOSSY_MASK_FORMATS:
+            lossy = [masks[s] for s in masks if _check_readable(masks[s])[1] in LOSSY_MASK_FORMATS]
+            raise ValueError(
+                f"Mask file {masks[stem]} is stored as {mask_format}: {_LOSSY_MASK_MESSAGE}. "
+                f"{len(lossy)} of {len(masks)} file(s) in {mask_dir} are {'/'.join(LOSSY_MASK_FORMATS)}."
+            )
         if image_size != mask_size:
             raise ValueError(
                 f"Image {images[stem]} is {image_size[0]}x{image_size[1]} (WxH) but its mask "
@@ -215,7 +283,8 @@ def to_rgb_array(image: Any) -> np.ndarray:
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             image = np.asarray(image)
         else:
-            return np.asarray(image.convert("RGB"))
+            # A writable copy: a view of PIL's buffer is read-only, and processors wrap it with torch.from_numpy.
+            return np.array(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[-1] == 4:
         arr = arr[..., :3]
@@ -232,7 +301,21 @@ def to_rgb_array(image: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def encode_images(image_processor: Any, images: Any, **kwargs: Any) -> Any:
+    """Run a SAM image processor on `(H, W, 3)` arrays (one, or a list), telling it the channels come last.
+
+    Without `input_data_format`, transformers guesses the channel axis from the shape and reads an image 1, 3 or 4
+    pixels high as channels-first: a 4x64 image becomes "64x3". Every (H, W, 3) array that meets an image processor
+    in sam_hf goes through here.
+
+    Returns:
+        The processor's `BatchFeature` (`pixel_values`, `original_sizes`, `reshaped_input_sizes`) as torch tensors.
+    """
+    return image_processor(images=images, input_data_format=ChannelDimension.LAST, return_tensors="pt", **kwargs)
+
+
 def _mask_array(mask: Any) -> np.ndarray:
+    check_lossless_mask(mask)
     arr = np.asarray(mask)
     if arr.ndim == 3:
         if not (arr[..., :1] == arr).all():
@@ -240,6 +323,11 @@ def _mask_array(mask: Any) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise ValueError(f"Expected a 2-D mask, got shape {arr.shape}.")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(
+            f"The mask has {int((~np.isfinite(arr)).sum())} NaN or infinite value(s); expected finite labels "
+            "(0 = background)."
+        )
     return arr
 
 
@@ -253,6 +341,10 @@ def mask_to_instances(mask: Any, mask_type: str = "auto") -> np.ndarray:
             - `"binary"`: every 4-connected component of non-zero pixels is one object.
             - `"semantic"`: every connected component of every non-zero class is one object.
             - `"auto"`: `"binary"` when the mask has a single non-zero value, `"instance"` otherwise.
+
+    Any dtype works (bool, integers, floats; ids need not be contiguous). Raises a `ValueError` for a mask that is
+    not 2-D (or 3-D with identical channels), a float mask with NaN or infinite values, a mask decoded from JPEG
+    (see `check_lossless_mask`), or an unknown `mask_type`.
     """
     if mask_type not in MASK_TYPES:
         raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}.")
@@ -372,22 +464,29 @@ def resized_shape(height: int, width: int, longest_edge: int) -> tuple[int, int]
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def resize_and_pad_masks(masks: torch.Tensor, longest_edge: int, pad_size: int) -> torch.Tensor:
+def resize_and_pad_masks(masks: torch.Tensor, longest_edge: int, pad_size: int, chunk_size: int = 64) -> torch.Tensor:
     """Resize `(N, H, W)` binary masks the way `SamProcessor` resizes the image, then pad bottom/right with zeros.
 
     The masks keep their aspect ratio (longest side `longest_edge`, same rounding as the image processor) and sit
     top-left in a `(pad_size, pad_size)` frame, exactly like the image in `pixel_values`. Area-style (antialiased
     bilinear) resampling gives soft labels in [0, 1], so objects smaller than one low-resolution pixel do not vanish.
 
+    Masks are resized `chunk_size` at a time: besides the input and the output, at most `chunk_size` x H x W float32
+    values exist at once, whatever `N`.
+
     Returns:
         `torch.FloatTensor` of shape `(N, pad_size, pad_size)`.
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     n, height, width = masks.shape
     new_h, new_w = resized_shape(height, width, longest_edge)
-    resized = F.interpolate(
-        masks[:, None].float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
-    )[:, 0].clamp_(0, 1)
-    return F.pad(resized, (0, pad_size - new_w, 0, pad_size - new_h))
+    out = torch.zeros(n, pad_size, pad_size)
+    for start in range(0, n, chunk_size):
+        chunk = masks[start : start + chunk_size, None].float()
+        resized = F.interpolate(chunk, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk_size, :new_h, :new_w] = resized[:, 0].clamp_(0, 1)
+    return out
 
 
 @functools.lru_cache(maxsize=32)
@@ -539,7 +638,7 @@ class SamTransform:
                 original_size = tuple(int(v) for v in batch["original_sizes"][row])
                 reshaped_size = tuple(int(v) for v in batch["reshaped_input_sizes"][row])
             else:
-                enc = self.processor.image_processor(images=to_rgb_array(batch["image"][row]), return_tensors="pt")
+                enc = encode_images(self.processor.image_processor, to_rgb_array(batch["image"][row]))
                 out[image_key].append(enc["pixel_values"][0])
                 original_size = tuple(int(v) for v in enc["original_sizes"][0])
                 reshaped_size = tuple(int(v) for v in enc["reshaped_input_sizes"][0])

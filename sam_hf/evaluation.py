@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 import evaluate
 import numpy as np
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import object_metrics
@@ -120,14 +121,28 @@ def load_object_metrics(**kwargs: Any) -> evaluate.EvaluationModule:
     return evaluate.load(object_metrics.__file__, **kwargs)
 
 
-def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Dice and IoU depend only on pixels inside the union's bounding box; cropping keeps the metric inputs small.
-    union = pred | ref
-    if not union.any():
-        return pred[:1, :1], ref[:1, :1]
-    rows, cols = np.flatnonzero(union.any(1)), np.flatnonzero(union.any(0))
-    sl = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    return pred[sl], ref[sl]
+#: Objects per image kept, with full-resolution masks, for the figure of `evaluate_models` (bounds its memory).
+FIGURE_MAX_OBJECTS = 256
+
+
+def _object_crops(
+    pred: np.ndarray, instances: np.ndarray, object_id: int, gt_slice: tuple[slice, slice] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted and reference masks of one object, cropped to the bounding box of their union.
+
+    Dice and IoU depend only on pixels inside that box; the reference is built from the instance map inside the
+    crop only, so no full-resolution mask per object is ever made (`gt_slice` is the object's `find_objects` slice).
+    """
+    rows, cols = np.flatnonzero(pred.any(1)), np.flatnonzero(pred.any(0))
+    r0, r1, c0, c1 = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) if len(rows) else (None,) * 4
+    if gt_slice is not None:
+        g_r, g_c = gt_slice
+        r0, r1 = (g_r.start, g_r.stop) if r0 is None else (min(r0, g_r.start), max(r1, g_r.stop))
+        c0, c1 = (g_c.start, g_c.stop) if c0 is None else (min(c0, g_c.start), max(c1, g_c.stop))
+    if r0 is None:  # both empty
+        return pred[:1, :1], np.zeros((1, 1), bool)
+    sl = np.s_[r0:r1, c0:c1]
+    return pred[sl], instances[sl] == object_id
 
 
 def evaluate_models(
@@ -156,9 +171,15 @@ def evaluate_models(
 
     Returns:
         A dict with `objects` (per object: `image`, `name`, `object_id`, `area`, and `dice` / `iou` per model) and
-        `figure_samples` (see `sam_hf.viz.plot_base_vs_tuned`).
+        `figure_samples` (see `sam_hf.viz.plot_base_vs_tuned`; at most `FIGURE_MAX_OBJECTS` objects per image).
 
     Models whose vision encoders have identical weights and the same image processor share one image encoding.
+
+    Memory does not grow with the number of objects of an image: boxes are decoded `chunk_size` at a time (each
+    predictor's own `chunk_size`), so at most `chunk_size` x H x W booleans of predicted masks (plus the predictor's
+    float32 logits for the same chunk) exist at once, and each object's reference mask is made only inside the
+    bounding box of its prediction and ground truth. The figure images keep at most `FIGURE_MAX_OBJECTS` x H x W
+    booleans per model and for the ground truth.
     """
     rng = np.random.default_rng(jitter_seed)
     groups: dict[tuple[str, str], list[str]] = {}
@@ -179,14 +200,15 @@ def evaluate_models(
     samples: list[dict[str, Any]] = []
     for idx in tqdm(range(len(dataset)), desc="Evaluating", unit="image"):
         row = dataset[idx]
-        need_image = not use_cached_embeddings or len(samples) < num_figure_images
-        image = to_rgb_array(row["image"]) if need_image else None
+        keep_figure = len(samples) < num_figure_images
+        image = to_rgb_array(row["image"]) if not use_cached_embeddings or keep_figure else None
         instances = mask_to_instances(row["label"], mask_type)
         boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
         if box_jitter:
             boxes = jitter_boxes(boxes, box_jitter, instances.shape, rng)
         ids = np.arange(1, len(boxes) + 1)
-        gt = instances[None] == ids[:, None, None]
+        gt_slices = ndimage.find_objects(instances, max_label=len(ids))
+        num_figure = min(len(boxes), FIGURE_MAX_OBJECTS) if keep_figure else 0
         name = str(row.get("file_name", idx))
         per_model: dict[str, np.ndarray] = {}
         for members in groups.values():
@@ -199,14 +221,36 @@ def evaluate_models(
                 predictor = predictors[member]
                 if predictor is not first:
                     predictor.set_image_embeddings(first.image_embeddings, first.original_size, first.reshaped_size)
-                masks = predictor.predict(boxes=boxes).masks[:, 0]
-                pairs = [_crop_to_union(p, g) for p, g in zip(masks, gt)]
-                metrics[member].add_batch(predictions=[p for p, _ in pairs], references=[g for _, g in pairs])
-                per_model[member] = masks
+                figure_masks = []
+                for start in range(0, len(boxes), predictor.chunk_size):
+                    masks = predictor.predict(boxes=boxes[start : start + predictor.chunk_size]).masks[:, 0]
+                    pairs = [
+                        _object_crops(m, instances, int(ids[start + j]), gt_slices[start + j])
+                        for j, m in enumerate(masks)
+                    ]
+                    metrics[member].add_batch(predictions=[p for p, _ in pairs], references=[g for _, g in pairs])
+                    if start < num_figure:
+                        figure_masks.append(masks[: num_figure - start].copy())
+                    del masks, pairs
+                if keep_figure:
+                    per_model[member] = (
+                        np.concatenate(figure_masks) if figure_masks else np.zeros((0, *instances.shape), bool)
+                    )
         for k, area in enumerate(row["areas"]):
             objects.append({"image": idx, "name": name, "object_id": int(ids[k]), "area": int(area)})
-        if len(samples) < num_figure_images:
-            samples.append({"image": image, "gt_masks": gt, "boxes": boxes, "predictions": per_model, "name": name})
+        if keep_figure:
+            if num_figure < len(boxes):
+                logger.info("Figure: image %s shows its first %d of %d objects", name, num_figure, len(boxes))
+            samples.append(
+                {
+                    "image": image,
+                    "gt_masks": instances[None] == ids[:num_figure, None, None],
+                    "boxes": boxes[:num_figure],
+                    "predictions": per_model,
+                    "name": name,
+                    "num_objects": len(boxes),
+                }
+            )
 
     for model_name, metric in metrics.items():
         result = metric.compute(return_per_object=True)
@@ -219,17 +263,34 @@ def evaluate_models(
     for sample in samples:
         k = len(sample["boxes"])
         sample["dice"] = {m: np.array([o["dice"][m] for o in objects[offset : offset + k]]) for m in predictors}
-        offset += k
+        offset += sample.pop("num_objects")
     return {"objects": objects, "figure_samples": samples}
 
 
-def _iou_matrix(generated: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """IoU of every generated mask `(M, H, W)` with every ground-truth mask `(K, H, W)` -> `(M, K)`."""
-    g = generated.reshape(len(generated), -1).astype(np.float32)
-    t = gt.reshape(len(gt), -1).astype(np.float32)
-    inter = g @ t.T
-    union = g.sum(1)[:, None] + t.sum(1)[None] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+def _best_ious(generated: Any, instances: np.ndarray, num_objects: int) -> tuple[np.ndarray, int, int]:
+    """Match generated masks against the objects `1..num_objects` of an instance map, one mask at a time.
+
+    Returns:
+        `(best, matched, count)`: per object the best IoU of any generated mask `(num_objects,)` (0 if none), the
+        number of generated masks whose best IoU with some object is at least 0.5, and the number of masks.
+
+    Intersections come from a histogram of the instance ids under each mask, so memory is one mask, one `(H, W)`
+    instance map and a few arrays of `num_objects` numbers, whatever the number of objects or masks; no
+    `(objects, H, W)` or `(masks, objects)` array is made.
+    """
+    flat = instances.ravel()
+    gt_area = np.bincount(flat, minlength=num_objects + 1)[1 : num_objects + 1].astype(np.float64)
+    best = np.zeros(num_objects)
+    matched = count = 0
+    for mask in generated:
+        mask = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, dtype=bool).ravel()
+        count += 1
+        inter = np.bincount(flat[mask], minlength=num_objects + 1)[1 : num_objects + 1].astype(np.float64)
+        union = mask.sum() + gt_area - inter
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+        np.maximum(best, iou, out=best)
+        matched += bool(num_objects and iou.max() >= 0.5)
+    return best, matched, count
 
 
 def evaluate_automatic(
@@ -254,6 +315,9 @@ def evaluate_automatic(
         Per model: `num_masks` (generated, all images), `mean_best_iou` (per ground-truth object, the best IoU of any
         generated mask, 0 if none), `recall@0.5` (objects matched at IoU >= 0.5) and `precision@0.5` (generated masks
         matching some object at IoU >= 0.5).
+
+    Ground-truth objects are matched through the instance map (see `_best_ious`), never as `(objects, H, W)`
+    masks: besides the pipeline's own output, memory is one mask and a few numbers per object at a time.
     """
     from PIL import Image
     from transformers import pipeline
@@ -269,22 +333,16 @@ def evaluate_automatic(
         for idx in tqdm(range(len(dataset)), desc=f"Automatic masks ({name})", unit="image"):
             row = dataset[idx]
             instances = mask_to_instances(row["label"], mask_type)
-            ids = np.arange(1, int(instances.max()) + 1)
-            gt = instances[None] == ids[:, None, None]
             result = generator(
                 Image.fromarray(to_rgb_array(row["image"])),
                 points_per_crop=points_per_crop,
                 pred_iou_thresh=pred_iou_thresh,
                 stability_score_thresh=stability_score_thresh,
             )
-            masks = np.stack([np.asarray(m, bool) for m in result["masks"]]) if len(result["masks"]) else None
-            if masks is None:
-                best.extend([0.0] * len(ids))
-                continue
-            iou = _iou_matrix(masks, gt)
-            best.extend(iou.max(0).tolist())
-            matched += int((iou.max(1) >= 0.5).sum())
-            num_masks += len(masks)
+            image_best, image_matched, count = _best_ious(result["masks"], instances, int(instances.max()))
+            best.extend(image_best.tolist())
+            matched += image_matched
+            num_masks += count
         best_arr = np.asarray(best)
         out[name] = {
             "num_masks": num_masks,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import SamModel, SamProcessor
 
-from .data import scale_coords, to_rgb_array
+from .data import encode_images, scale_coords, to_rgb_array
 from .modeling import load_model_and_processor
 
 logger = logging.getLogger(__name__)
@@ -191,10 +191,16 @@ class SamPredictor:
     def set_image(self, image: Any) -> None:
         """Encode `image` (PIL image or `(H, W)`, `(H, W, 3|4)` array) once for the prompts that follow."""
         rgb = np.array(to_rgb_array(image))  # a writable copy for the processor
-        inputs = self.processor.image_processor(rgb, return_tensors="pt")
+        inputs = encode_images(self.processor.image_processor, rgb)
+        original_size = tuple(int(v) for v in inputs["original_sizes"][0])
+        if original_size != rgb.shape[:2]:
+            raise RuntimeError(
+                f"The image processor read a {rgb.shape[0]}x{rgb.shape[1]} (HxW) image as {original_size[0]}x"
+                f"{original_size[1]}; it must take (H, W, 3) channels-last input."
+            )
         pixel_values = inputs["pixel_values"].to(self.device, self.model.dtype)
         self.image_embeddings = self.model.get_image_embeddings(pixel_values)
-        self.original_size = tuple(int(v) for v in inputs["original_sizes"][0])
+        self.original_size = original_size
         self.reshaped_size = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
 
     def set_image_embeddings(

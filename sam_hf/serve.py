@@ -85,6 +85,11 @@ class ServeSettings:
             while the server runs, so Pillow's decompression-bomb guard agrees with it.
         max_prompts (`int`, *optional*, defaults to 256): most prompts (boxes or point sets) per `/segment` request;
             422 above.
+        max_points_per_prompt (`int`, *optional*, defaults to 64): most points in one prompt of `/segment`; 422
+            above. Every point is a token the prompt encoder and the mask decoder attend over, so one prompt with
+            tens of thousands of points holds the model for as long as thousands of ordinary requests.
+        max_boxes_and_points (`int`, *optional*, defaults to 2048): most boxes plus points in one `/segment`
+            request, all prompts together (the request's decoder work); 413 above.
         max_mask_pixels (`int`, *optional*, defaults to 256 Mi): most mask pixels one response may hold,
             `prompts x masks per prompt x height x width` for `/segment` and the worst case
             `3 x points_per_side**2 x height x width` for `/segment/auto`; 413 above. Bounds the server's memory.
@@ -103,6 +108,8 @@ class ServeSettings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_prompts: int = 256
+    max_points_per_prompt: int = 64
+    max_boxes_and_points: int = 2048
     max_mask_pixels: int = 256 * 1024 * 1024
     max_auto_points: int = 32
     request_timeout_s: float = 60.0
@@ -127,6 +134,8 @@ _INTEGER_LIMITS = (
     "max_upload_bytes",
     "max_image_pixels",
     "max_prompts",
+    "max_points_per_prompt",
+    "max_boxes_and_points",
     "max_mask_pixels",
     "max_auto_points",
     "max_pending",
@@ -426,6 +435,30 @@ class _ModelService:
                 f"max_mask_pixels = {self.settings.max_mask_pixels:,}. Send fewer prompts or a smaller image.",
             )
 
+    def _check_prompt_work(self, count: int, boxes: np.ndarray | None, points: np.ndarray | None) -> None:
+        """Refuse prompts whose decoder work exceeds the limits, before the image is decoded or the lock taken."""
+        settings = self.settings
+        if count > settings.max_prompts:
+            raise HTTPException(
+                422,
+                f"{count} prompts in one request, more than the server's max_prompts = {settings.max_prompts} "
+                "(--max-prompts). Split the prompts over several requests.",
+            )
+        per_prompt = points.shape[1] if points is not None else 0
+        if per_prompt > settings.max_points_per_prompt:
+            raise HTTPException(
+                422,
+                f"{per_prompt} points in one prompt, more than the server's max_points_per_prompt = "
+                f"{settings.max_points_per_prompt} (--max-points-per-prompt). Send fewer points per prompt.",
+            )
+        total = (len(boxes) if boxes is not None else 0) + (points.shape[0] * per_prompt if points is not None else 0)
+        if total > settings.max_boxes_and_points:
+            raise HTTPException(
+                413,
+                f"{total} boxes and points in one request, more than the server's max_boxes_and_points = "
+                f"{settings.max_boxes_and_points} (--max-boxes-and-points). Split the prompts over several requests.",
+            )
+
     async def run(self, job: Callable[[threading.Event], bytes]) -> bytes:
         """Run `job` in the thread pool, bounded by the request timeout."""
         cancelled = threading.Event()
@@ -451,11 +484,7 @@ class _ModelService:
         except (ValueError, TypeError, OverflowError, RecursionError) as err:
             raise HTTPException(422, f"Invalid prompts: {err}") from err
         count = len(boxes) if boxes is not None else len(points)
-        if count > self.settings.max_prompts:
-            raise HTTPException(
-                422,
-                f"{count} prompts in one request, more than the server's max_prompts = {self.settings.max_prompts}.",
-            )
+        self._check_prompt_work(count, boxes, points)
         multimask = prompts.get("multimask_output", False)
         per_prompt = 3 if multimask else 1
         self._check_mask_pixels(count * per_prompt, image, f"{count} prompts x {per_prompt} masks")

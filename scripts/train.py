@@ -14,11 +14,18 @@ from pathlib import Path
 # scripts/evaluate.py shares its name with the `evaluate` library; keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import torch  # noqa: E402
+
 from sam_hf.run import parse_args, run_training  # noqa: E402
 
 
 def main() -> None:
     run_training(*parse_args())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every process waits for the main one (it writes figures and the card last), then all leave together:
+        # a process that exits while the others still use the process group can abort at interpreter shutdown.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import logging
 
 import datasets
@@ -198,6 +199,11 @@ def test_folder_errors_name_the_file(tmp_path):
     (root / "images" / "a.png").write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match=r"Cannot read image file .*a\.png"):
         load_image_folder(root)
+    _write(root / "images" / "a.png", np.random.default_rng(0).integers(0, 255, (10, 10, 3), np.uint8))
+    data = (root / "images" / "a.png").read_bytes()
+    (root / "images" / "a.png").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"Cannot read image file .*a\.png"):
+        load_image_folder(root)
 
 
 def test_empty_after_filtering_and_skips_are_logged(tmp_path, caplog):
@@ -321,3 +327,105 @@ def test_object_labels_equal_full_frame_resize(shape):
         rtol=0,
         atol=0,
     )
+
+
+def test_transform_reads_a_4_pixel_high_image_channels_last():
+    """The uncached transform tells the processor the channels come last: a 4x64 image stays 4x64."""
+    processor = tiny_sam_processor(tiny_sam_config())
+    image = np.zeros((4, 64, 3), np.uint8)
+    image[:, 32:] = 255  # right half bright
+    inst = np.zeros((4, 64), np.uint8)
+    inst[1:3, 40:50] = 1
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(image)], "label": [Image.fromarray(inst)]})
+    ds = index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
+    ex = ds.with_transform(SamTransform(processor, train=False))[0]
+    assert ex["original_sizes"].tolist() == [4, 64]
+    assert ex["reshaped_input_sizes"].tolist() == [16, 256]  # scale 256 / 64 = 4
+    # x 40..49 scaled by 4, y 1..2 scaled by 4
+    np.testing.assert_allclose(ex["input_boxes"][0].numpy(), [160, 4, 196, 8])
+    bright = ex["pixel_values"].numpy().mean(0) > 0
+    rows, cols = np.nonzero(bright)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (0, 15, 128, 255)
+
+
+def _blobs_mask(h=32, w=32):
+    m = np.zeros((h, w), np.uint8)
+    m[4:12, 4:14] = 1
+    m[16:28, 10:20] = 2
+    m[20:30, 22:30] = 3
+    return m
+
+
+def test_jpeg_masks_are_refused_by_content_not_extension(tmp_path):
+    root = tmp_path / "d"
+    _write(root / "images" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    _write(root / "masks" / "a.png", _blobs_mask() * 80)
+    assert len(load_image_folder(root)) == 1
+    # The same mask as JPEG: what it would have become (many more "objects" than the 3 drawn) ...
+    Image.fromarray(_blobs_mask() * 80).save(root / "masks" / "a.png", format="JPEG", quality=75)
+    with Image.open(root / "masks" / "a.png") as im:
+        assert im.format == "JPEG" and mask_to_instances(np.asarray(im), "instance").max() > 3
+    # ... is refused, although the file is called .png, and so is a .jpg.
+    message = r"a\.png is stored as JPEG: masks must be stored losslessly \(PNG/TIFF\), JPEG compression creates"
+    with pytest.raises(ValueError, match=message):
+        load_image_folder(root)
+    (root / "masks" / "a.png").rename(root / "masks" / "a.jpg")
+    with pytest.raises(ValueError, match=r"a\.jpg is stored as JPEG.*false objects"):
+        load_image_folder(root)
+
+
+def test_jpeg_masks_of_a_saved_dataset_are_refused(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(_blobs_mask() * 80).save(buffer, format="JPEG")
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": _png_bytes(np.zeros((32, 32, 3), np.uint8)), "path": None}] * 2,
+            "label": [{"bytes": _png_bytes(_blobs_mask()), "path": None}, {"bytes": buffer.getvalue(), "path": None}],
+        }
+    )
+    ds = ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "saved"))
+    loaded = load_source(str(tmp_path / "saved"))["train"]
+    with pytest.raises(ValueError, match=r"row 1 of split 'train'.*JPEG.*stored losslessly \(PNG/TIFF\)"):
+        index_objects(loaded)
+    assert mask_to_instances(loaded[0]["label"]).max() == 3  # the PNG row is fine
+    with pytest.raises(ValueError, match="JPEG compression creates false objects"):
+        mask_to_instances(loaded[1]["label"])
+
+
+def _png_bytes(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_files_sharing_a_stem_are_refused(tmp_path):
+    root = tmp_path / "d"
+    _write(root / "images" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    _write(root / "masks" / "a.png", np.zeros((8, 8), np.uint8))
+    _write(root / "images" / "a.jpg", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(
+        ValueError, match=r"images has 1 file stem\(s\) shared by several image files \(a\.jpg, a\.png\)"
+    ):
+        load_image_folder(root)
+    (root / "images" / "a.jpg").unlink()
+    _write(root / "masks" / "a.tif", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"masks has 1 file stem.*\(a\.png, a\.tif\)"):
+        load_image_folder(root)
+
+
+def test_decompression_bomb_names_the_file_and_the_way_out(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "d"
+    _write(root / "images" / "big.png", np.zeros((10, 10, 3), np.uint8))
+    _write(root / "masks" / "big.png", np.zeros((10, 10), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 100 pixels > 2 x 40: Pillow raises
+    with pytest.raises(
+        ValueError,
+        match=r"Image file .*images/big\.png is larger than .*MAX_IMAGE_PIXELS = 40 .*"
+        r"raise the limit",
+    ):
+        load_image_folder(root)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60)  # 100 pixels in (60, 120]: Pillow only warns
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
+        assert len(load_image_folder(root)) == 1
+    assert "images/big.png is larger than" in caplog.text and "masks/big.png" in caplog.text

@@ -76,3 +76,30 @@ def test_hf_style_docstring_rewrite():
         "    masks: `(K, H, W)` masks (unchanged).",
         "    train (bool): training or not.",
     ]
+
+
+def test_bad_input_table_names_existing_tests():
+    """Every row of docs/bad-inputs.md names at least one test, and every named test exists."""
+    import ast
+    import re
+
+    rows = [
+        line
+        for line in (REPO / "docs" / "bad-inputs.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith(("| input ", "|---"))
+    ]
+    assert len(rows) >= 30
+    defined: dict[str, set[str]] = {}
+    missing = []
+    for row in rows:
+        named = re.findall(r"`tests/(test_\w+\.py)::(test_\w+)`", row.rsplit("|", 2)[-2])
+        if not named:
+            missing.append(f"no test named in: {row[:80]}")
+        for file, name in named:
+            if file not in defined:
+                path = REPO / "tests" / file
+                tree = ast.parse(path.read_text()) if path.is_file() else ast.Module(body=[], type_ignores=[])
+                defined[file] = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+            if name not in defined[file]:
+                missing.append(f"tests/{file}::{name} does not exist")
+    assert not missing, "\n".join(missing)

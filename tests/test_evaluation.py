@@ -213,3 +213,107 @@ def test_cached_embeddings_give_the_same_scores(eval_images, tiny_model_dir, tmp
         evaluate_models({"m": predictor}, eval_images, use_cached_embeddings=True)
     with pytest.raises(ValueError, match="shape"):
         predictor.set_image_embeddings(np.zeros((3, 4, 4)), (10, 10), (10, 10))
+
+
+class _BoxFillingPredictor(SamPredictor):
+    """A predictor whose mask for a box is the filled box (a known, model-free answer); it records the prompts it
+    was asked to decode at once."""
+
+    def __init__(self, model_dir, chunk_size):
+        model, processor = SamModel.from_pretrained(model_dir), SamProcessor.from_pretrained(model_dir)
+        super().__init__(model, processor, chunk_size=chunk_size)
+        self.calls: list[np.ndarray] = []
+
+    def set_image(self, image):  # only the size matters here
+        self.original_size = tuple(np.asarray(image).shape[:2])
+        self.image_embeddings = torch.zeros(1)
+
+    def predict(self, boxes=None, **_):
+        from sam_hf.inference import SamPrediction
+
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        self.calls.append(boxes)
+        h, w = self.original_size
+        masks = np.zeros((len(boxes), 1, h, w), bool)
+        for k, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
+            masks[k, 0, y0 : y1 + 1, x0 : x1 + 1] = True
+        return SamPrediction(masks, np.ones((len(boxes), 1), np.float32), np.zeros((len(boxes), 1, 2, 2)))
+
+
+def _instance_dataset(instances: np.ndarray):
+    import datasets
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((*instances.shape, 3), np.uint8))
+    ds = datasets.Dataset.from_dict({"image": [image], "label": [Image.fromarray(instances)]})
+    ds = ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image())
+    return index_objects(ds, "instance", "eval")
+
+
+def test_chunked_evaluation_matches_the_dense_computation(tiny_model_dir):
+    """Per-object scores from chunks and crops equal Dice/IoU of full (K, H, W) masks computed densely."""
+    rng = np.random.default_rng(0)
+    instances = rng.integers(0, 12, (40, 30)).astype(np.uint8)  # 11 scattered objects with overlapping boxes
+    instances[instances == 7] = 0  # an id gap: ids are renumbered 1..10
+    ds = _instance_dataset(instances)
+    predictor = _BoxFillingPredictor(str(tiny_model_dir), chunk_size=3)
+    objects = evaluate_models({"m": predictor}, ds, mask_type="instance", box_jitter=4, jitter_seed=1)["objects"]
+    assert [len(c) for c in predictor.calls] == [3, 3, 3, 1]
+    inst = mask_to_instances(instances, "instance")
+    k = int(inst.max())
+    assert k == 10 and len(objects) == k
+    gt = inst[None] == np.arange(1, k + 1)[:, None, None]  # dense: (K, H, W)
+    pred = np.zeros_like(gt)
+    for i, (x0, y0, x1, y1) in enumerate(np.round(np.concatenate(predictor.calls)).astype(int)):
+        pred[i, y0 : y1 + 1, x0 : x1 + 1] = True
+    expected = [_numpy_dice_iou(p, g) for p, g in zip(pred, gt)]
+    np.testing.assert_allclose([o["dice"]["m"] for o in objects], [e[0] for e in expected], rtol=1e-12)
+    np.testing.assert_allclose([o["iou"]["m"] for o in objects], [e[1] for e in expected], rtol=1e-12)
+    assert 0.05 < np.mean([e[0] for e in expected]) < 0.9  # a case where cropping mistakes would show
+
+
+def test_evaluation_memory_does_not_grow_with_objects(tiny_model_dir):
+    """10,000 one-pixel objects in a 200x200 mask: (K, H, W) masks would need 400 MB per array; the chunked
+    evaluation stays within a few chunks of H x W."""
+    import tracemalloc
+
+    instances = np.zeros((200, 200), np.uint16)
+    instances[::2, ::2] = np.arange(1, 10_001).reshape(100, 100)
+    ds = _instance_dataset(instances)
+    predictor = _BoxFillingPredictor(str(tiny_model_dir), chunk_size=64)
+    tracemalloc.start()
+    try:
+        objects = evaluate_models({"m": predictor}, ds, mask_type="instance", num_figure_images=1)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # Figure: 2 x 256 x 40,000 = 20 MB; chunks: 64 x 40,000 = 2.6 MB. Dense would be >= 2 x 400 MB.
+    assert peak < 60 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert max(len(c) for c in predictor.calls) == 64 and sum(len(c) for c in predictor.calls) == 10_000
+    assert len(objects["objects"]) == 10_000
+    assert all(o["dice"]["m"] == 1.0 for o in objects["objects"])  # exact boxes of one-pixel objects
+    sample = objects["figure_samples"][0]
+    assert sample["gt_masks"].shape == sample["predictions"]["m"].shape == (256, 200, 200)
+    assert len(sample["dice"]["m"]) == 256
+
+
+def test_automatic_matching_through_the_instance_map_matches_dense_iou():
+    from sam_hf.evaluation import _best_ious
+
+    rng = np.random.default_rng(3)
+    instances = np.zeros((30, 40), np.int32)
+    for k in range(1, 9):
+        y, x = rng.integers(0, 25), rng.integers(0, 35)
+        instances[y : y + rng.integers(2, 6), x : x + rng.integers(2, 6)] = k
+    present = np.unique(instances[instances > 0])
+    instances = np.searchsorted(present, instances) * (instances > 0) + (instances > 0)  # ids 1..N, no gaps
+    n = int(instances.max())
+    generated = [rng.random((30, 40)) < 0.1, instances == 2, (instances == 3) | (instances == 4), np.zeros((30, 40))]
+    # Dense reference: IoU of every (mask, object) pair from full (K, H, W) masks.
+    iou = np.array(
+        [[_numpy_dice_iou(np.asarray(g, bool), instances == k)[1] for k in range(1, n + 1)] for g in generated]
+    )
+    iou[~np.array([np.asarray(g, bool).any() for g in generated])] = 0.0  # an empty mask matches nothing
+    best, matched, count = _best_ious(generated, instances, n)
+    np.testing.assert_allclose(best, iou.max(0))
+    assert matched == int((iou.max(1) >= 0.5).sum()) and count == 4

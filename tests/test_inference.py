@@ -111,3 +111,26 @@ def test_label_image_smaller_object_wins():
     expected = np.ones((5, 5), np.uint16)
     expected[1:3, 1:3] = 2
     np.testing.assert_array_equal(label_image(masks), expected)
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (64, 4), (1, 1), (2, 3), (3, 40), (1, 7)])
+def test_tiny_images_keep_their_own_size(tiny_model_dir, shape):
+    """Images 1 to 4 pixels high are (H, W, 3), never read channels-first by the image processor."""
+    height, width = shape
+    rng = np.random.default_rng(height * 100 + width)
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
+    predictor.set_image(image)
+    assert predictor.original_size == (height, width)
+    # The processor's longest side is 256: the reshaped size keeps the image's own aspect ratio.
+    scale = 256 / max(height, width)
+    assert predictor.reshaped_size == (int(height * scale + 0.5), int(width * scale + 0.5))
+    result = predictor.predict(boxes=[[0, 0, width, height]], points=[[[width / 2, height / 2]]])
+    assert result.masks.shape == (1, 1, height, width)
+    if height != width:  # a box fitting the transposed image lies outside this one
+        with pytest.raises(PromptError, match=f"outside the {width}x{height} image"):
+            predictor.predict(boxes=[[0, 0, height, width]])
+    # The same pixels as a PIL image give the same encoding (and grayscale is converted the same way).
+    predictor_pil = SamPredictor.from_pretrained(str(tiny_model_dir))
+    predictor_pil.set_image(Image.fromarray(image))
+    torch.testing.assert_close(predictor_pil.image_embeddings, predictor.image_embeddings)

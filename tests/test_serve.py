@@ -38,6 +38,8 @@ SETTINGS = ServeSettings(
     max_upload_bytes=1_000_000,
     max_image_pixels=300 * 300,
     max_prompts=16,
+    max_points_per_prompt=8,
+    max_boxes_and_points=40,
     max_auto_points=6,
     max_pending=64,
     request_timeout_s=60.0,
@@ -177,6 +179,9 @@ def test_cli_serve_flags(capsys, monkeypatch):
     monkeypatch.setenv("SAM_HF_MODEL", "/models/tuned")
     args = build_parser().parse_args(["serve", "--max-prompts", "8", "--max-image-pixels", "4e6", "--port", "9000"])
     assert (args.model, args.max_prompts, args.max_image_pixels, args.port) == ("/models/tuned", 8, 4_000_000, 9000)
+    args = build_parser().parse_args(["serve", "--max-points-per-prompt", "5", "--max-boxes-and-points", "300"])
+    assert (args.max_points_per_prompt, args.max_boxes_and_points) == (5, 300)
+    assert ServeSettings().max_points_per_prompt == 64 and ServeSettings().max_boxes_and_points == 2048
     assert args.request_timeout_s == ServeSettings().request_timeout_s
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-prompts", "0"])
@@ -265,6 +270,25 @@ def _bad_requests(nuclei_png: bytes, synthetic_png: bytes) -> list[tuple[str, di
         ("bad point label", multipart(prompts={"points": [[[10, 30]]], "point_labels": [[2]]}), 422, "point_labels"),
         ("multimask not a bool", multipart(prompts={**box, "multimask_output": "yes"}), 422, "multimask_output"),
         ("too many prompts", multipart(prompts={"boxes": [[1, 1, 9, 9]] * 17}), 422, "max_prompts = 16"),
+        (
+            "too many points in one prompt",
+            multipart(prompts={"points": [[[5, 5]] * 9]}),
+            422,
+            "9 points in one prompt, more than the server's max_points_per_prompt = 8 (--max-points-per-prompt)",
+        ),
+        (
+            "60,000 points in one prompt",
+            multipart(prompts={"points": [[[float(i % 250) + 0.5, 7.25] for i in range(60_000)]]}),
+            422,
+            "max_points_per_prompt = 8",
+        ),
+        (
+            "too many boxes and points in one request",
+            multipart(prompts={"boxes": [[1, 1, 9, 9]] * 16, "points": [[[5, 5]] * 2] * 16}),
+            413,
+            "48 boxes and points in one request, more than the server's max_boxes_and_points = 40 "
+            "(--max-boxes-and-points)",
+        ),
         ("JSON body", {"json": {"prompts": box}}, 415, "multipart/form-data"),
         ("form-urlencoded body", {"data": {"prompts": "{}"}}, 415, "multipart/form-data"),
         (
@@ -400,3 +424,20 @@ def test_timeout_gives_504_and_the_server_recovers(tiny_model_dir, nuclei_png):
         )
         assert response.status_code == 504
         assert c.get("/health").json()["ready"] is True
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (64, 4), (1, 1), (2, 3)])
+def test_tiny_images_are_segmented_at_their_own_size(client, shape):
+    """An image 1 to 4 pixels high is not read channels-first: boxes are checked against its own W x H and the
+    masks come back at its own size."""
+    height, width = shape
+    image = _png_bytes(Image.fromarray(np.random.default_rng(width).integers(0, 255, (height, width, 3), np.uint8)))
+    response = _segment(client, image, {"boxes": [[0, 0, width, height]], "points": [[[0, 0]]]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["width"], body["height"]) == (width, height)
+    assert _decode_masks(body).shape == (1, 1, height, width)
+    if height != width:
+        response = _segment(client, image, {"boxes": [[0, 0, height, width]]})
+        assert response.status_code == 422, response.text
+        assert f"outside the {width}x{height} image" in response.json()["detail"]
