@@ -682,10 +682,18 @@ class SamDataCollator:
 
     Padded objects get an all-zero box (and point), `-100` labels and object id 0. Instance maps are padded with
     background to the largest image of the batch.
+
+    Args:
+        pad_to_multiple_of (`int`, *optional*): pad the number of objects up to a multiple of this, so that batches
+            take few distinct shapes (`torch.compile` then compiles once instead of once per object count).
     """
+
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         k = max(f["input_boxes"].shape[0] for f in features)
+        if self.pad_to_multiple_of:
+            k = -(-k // self.pad_to_multiple_of) * self.pad_to_multiple_of
         m = features[0]["labels"].shape[-1]
         image_key = "image_embeddings" if "image_embeddings" in features[0] else "pixel_values"
         batch = {

@@ -35,6 +35,7 @@ __all__ = [
     "check_arguments",
     "check_output_dir",
     "config_to_argv",
+    "default_dataloader_num_workers",
     "default_output_dir",
     "parse_args",
     "run_training",
@@ -62,16 +63,27 @@ def parse_args(
         path = os.path.abspath(argv[0])
         if len(argv) == 1:
             load = parser.parse_json_file if path.endswith(".json") else parser.parse_yaml_file
-            model_args, data_args, sam_args, training_args = load(path)
+            parsed = load(path)
             with open(path) as f:
-                given = "output_dir" in (json.load(f) if path.endswith(".json") else yaml.safe_load(f))
-            return _with_output_dir(model_args, data_args, sam_args, training_args, given)
+                given = set(json.load(f) if path.endswith(".json") else yaml.safe_load(f))
+            return _with_defaults(*parsed, given)
         argv = config_to_argv(path) + list(argv[1:])
-    model_args, data_args, sam_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    # argparse also accepts --output-dir, --output_dir=x and unique prefixes such as --output.
-    flags = (a.split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--"))
-    given = any(len(f) > 3 and "__output_dir".startswith(f) for f in flags)
-    return _with_output_dir(model_args, data_args, sam_args, training_args, given)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    return _with_defaults(*parsed, _given_names(parser, argv))
+
+
+def _given_names(parser: HfArgumentParser, argv: list[str]) -> set[str]:
+    """The argument names present in `argv`; argparse also accepts --output-dir, --output_dir=x and unique prefixes."""
+    known = {o.lstrip("-").replace("-", "_") for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    given = set()
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        flag = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+        matches = {flag} if flag in known else {k for k in known if k.startswith(flag)}
+        if len(matches) == 1:
+            given |= matches
+    return given
 
 
 def default_output_dir(model_name_or_path: str, dataset_name: str) -> str:
@@ -80,10 +92,22 @@ def default_output_dir(model_name_or_path: str, dataset_name: str) -> str:
     return os.path.join("runs", f"{Path(model_name_or_path).name}-{Path(dataset_name).name}")
 
 
-def _with_output_dir(model_args, data_args, sam_args, training_args, given: bool):
+def default_dataloader_num_workers(cuda: bool | None = None) -> int:
+    """Dataloader workers when none are asked for: `min(8, CPUs - 1)` with a GPU, whose steps are too short for a
+    transform in the main process to keep up; 0 on CPUs, whose cores the training step itself uses."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return min(8, max((os.cpu_count() or 1) - 1, 0)) if cuda else 0
+
+
+def _with_defaults(model_args, data_args, sam_args, training_args, given: set[str]):
     # TrainingArguments replaces a missing --output_dir by ./trainer_output, shared by every run; name it instead.
-    if not given:
+    if "output_dir" not in given:
         training_args.output_dir = default_output_dir(model_args.model_name_or_path, data_args.dataset_name)
+    if "dataloader_num_workers" not in given and not training_args.use_cpu:
+        workers = default_dataloader_num_workers()
+        if workers:
+            training_args.dataloader_num_workers = workers
+            logger.info("--dataloader_num_workers %d (the default on a GPU machine; pass it to choose).", workers)
     return model_args, data_args, sam_args, training_args
 
 
@@ -388,7 +412,10 @@ def run_training(
         args=training_args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=SamDataCollator(),
+        # Under torch.compile every batch holds the same number of objects, so the decoder compiles once.
+        data_collator=SamDataCollator(
+            pad_to_multiple_of=sam_args.max_objects_per_image if training_args.torch_compile else None
+        ),
         # The image processor, not the SamProcessor: Trainer.train() looks for a tokenizer on any ProcessorMixin.
         # SamProcessor.from_pretrained and pipeline() load the saved image processor config as they are.
         processing_class=processor.image_processor,

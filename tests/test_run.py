@@ -232,3 +232,25 @@ def test_reloading_a_checkpoint_reports_no_missing_tied_buffer(tiny_model_dir, t
     with torch.no_grad():
         a, b = plain(pixel_values=pixels, input_boxes=boxes), model(pixel_values=pixels, input_boxes=boxes)
     assert torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.iou_scores, b.iou_scores)
+
+
+def test_dataloader_workers_default_on_gpu_machines_only(monkeypatch, tmp_path):
+    from sam_hf.run import default_dataloader_num_workers, parse_args
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert default_dataloader_num_workers(cuda=True) == 8 and default_dataloader_num_workers(cuda=False) == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert default_dataloader_num_workers(cuda=True) == 3
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path)]
+    # A GPU machine, as far as the default is concerned (TrainingArguments itself must still see no CUDA here).
+    monkeypatch.setattr("sam_hf.run.default_dataloader_num_workers", lambda: 8)
+    assert parse_args(base)[3].dataloader_num_workers == 8
+    for explicit in (["--dataloader_num_workers", "0"], ["--dataloader-num-workers=0"], ["--dataloader_num", "0"]):
+        assert parse_args(base + explicit)[3].dataloader_num_workers == 0, explicit
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\ndataset_name: d\ndataloader_num_workers: 2\n")
+    assert parse_args([str(config)])[3].dataloader_num_workers == 2
+    config.write_text("model_name_or_path: m\ndataset_name: d\n")
+    assert parse_args([str(config)])[3].dataloader_num_workers == 8
+    monkeypatch.setattr("sam_hf.run.default_dataloader_num_workers", lambda: 0)
+    assert parse_args(base)[3].dataloader_num_workers == 0
