@@ -55,6 +55,14 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training split instead of downloading and indexing it first (Hub datasets too large "
+            "for the disk). Needs --max_steps; trains without the embedding cache. The evaluation split (or, without "
+            "one, the first --max_eval_samples training rows) is read into memory."
+        },
+    )
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={

@@ -194,8 +194,12 @@ def load_source(
     mask_column: str = "label",
     cache_dir: str | None = None,
     token: str | None = None,
-) -> datasets.DatasetDict:
+    streaming: bool = False,
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """Load a Hub dataset id, a `save_to_disk` directory, or an images/masks folder as a `DatasetDict`.
+
+    With `streaming=True`, an `IterableDatasetDict` instead: a Hub dataset is streamed (nothing is downloaded ahead),
+    a local source is read row by row (`Dataset.to_iterable_dataset`).
 
     The returned splits have the columns `image` and `label` (renamed from `image_column` / `mask_column`). A name
     that does not exist locally is looked up on the Hub only if it is a valid Hub id (`name` or `user/name`, checked
@@ -232,10 +236,17 @@ def load_source(
             "directory written by save_to_disk."
         )
     else:
-        dsd = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
+        dsd = datasets.load_dataset(
+            dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, streaming=streaming
+        )
+    if streaming and isinstance(dsd, datasets.DatasetDict):
+        # Several shards, so that several dataloader workers can read the stream.
+        dsd = datasets.IterableDatasetDict(
+            {split: ds.to_iterable_dataset(num_shards=min(len(ds), 64)) for split, ds in dsd.items()}
+        )
     for split, ds in dsd.items():
         for arg, column in (("--image_column", image_column), ("--mask_column", mask_column)):
-            if column not in ds.column_names:
+            if ds.column_names is not None and column not in ds.column_names:
                 raise ValueError(
                     f"{arg} {column!r} is not a column of split {split!r} of {dataset_name}; "
                     f"available columns: {', '.join(ds.column_names)}."
@@ -397,13 +408,17 @@ def jitter_boxes(
 
 
 def index_objects(
-    ds: datasets.Dataset, mask_type: str = "auto", split_name: str = "train", num_proc: int | None = None
-) -> datasets.Dataset:
+    ds: datasets.Dataset | datasets.IterableDataset,
+    mask_type: str = "auto",
+    split_name: str = "train",
+    num_proc: int | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
     """Add `boxes` (exact xyxy per object), `areas` (pixels per object), `num_objects` and `row_index` (the row's
     position in `ds`, which keys its prompt randomness in `SamTransform`) columns; drop, count and log images without
     objects.
 
-    Runs as a cached `datasets.map`: each mask is decoded once here and once per use in the transform.
+    Runs as a cached `datasets.map`: each mask is decoded once here and once per use in the transform. A streamed
+    `IterableDataset` is indexed lazily, as its rows arrive; each image without objects is logged when it is skipped.
     """
 
     def _index(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -426,11 +441,15 @@ def index_objects(
             counts.append(len(b))
         return {"boxes": boxes, "areas": areas, "num_objects": counts, "row_index": list(indices)}
 
-    features = ds.features.copy()
-    features["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
-    features["areas"] = datasets.List(datasets.Value("int64"))
-    features["num_objects"] = datasets.Value("int32")
-    features["row_index"] = datasets.Value("int64")
+    features = ds.features.copy() if ds.features is not None else None
+    if features is not None:
+        features["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
+        features["areas"] = datasets.List(datasets.Value("int64"))
+        features["num_objects"] = datasets.Value("int32")
+        features["row_index"] = datasets.Value("int64")
+    if isinstance(ds, datasets.IterableDataset):
+        ds = ds.map(_index, batched=True, batch_size=16, with_indices=True, features=features)
+        return ds.filter(_has_objects(split_name), with_indices=True, input_columns="num_objects")
     ds = ds.map(
         _index,
         batched=True,
@@ -451,6 +470,15 @@ def index_objects(
         )
     logger.info("Split %r: %d images, %d objects", split_name, len(kept), sum(kept["num_objects"]))
     return kept
+
+
+def _has_objects(split_name: str):
+    def keep(num_objects: int, index: int) -> bool:
+        if num_objects == 0:
+            logger.warning("Split %r: skipped streamed row %d, whose mask has no object", split_name, index)
+        return num_objects > 0
+
+    return keep
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .hub import FIGURES, check_hub_access
 from .loss import SamDiceCELoss
 from .metrics import compute_metrics
 from .modeling import count_parameters, freeze_modules, freeze_unused_decoder_outputs, load_model_and_processor
-from .trainer import SamTrainer
+from .trainer import PromptEpochCallback, SamTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,40 @@ def check_output_dir(
     )
 
 
+def streaming_splits(
+    source: datasets.IterableDatasetDict, data_args: DataArguments, seed: int
+) -> tuple[datasets.IterableDataset, datasets.Dataset | None]:
+    """The streamed training split (shuffled through a buffer, reshuffled every epoch) and an evaluation split read
+    into memory: `--eval_split` when the source has it, otherwise the first `--max_eval_samples` (default 32)
+    training rows, which the training stream then skips."""
+    if data_args.train_split not in source:
+        raise ValueError(
+            f"--train_split {data_args.train_split!r} is not a split of the dataset; splits: {', '.join(source)}."
+        )
+    train = source[data_args.train_split]
+    n_eval = data_args.max_eval_samples
+    if data_args.eval_split and data_args.eval_split in source:
+        eval_stream = source[data_args.eval_split]
+    elif data_args.validation_split_percentage:
+        n_eval = n_eval or 32
+        eval_stream, train = train.take(n_eval), train.skip(n_eval)
+        logger.info(
+            "Streaming without a %r split: the first %d training rows are the evaluation split",
+            data_args.eval_split,
+            n_eval,
+        )
+    else:
+        eval_stream = None
+    if data_args.max_train_samples is not None:
+        train = train.take(data_args.max_train_samples)
+    eval_ds = None
+    if eval_stream is not None:
+        eval_stream = eval_stream.take(n_eval) if n_eval else eval_stream
+        eval_ds = datasets.Dataset.from_list(list(eval_stream), features=eval_stream.features)
+        logger.info("Read %d evaluation rows from the stream into memory", len(eval_ds))
+    return train.shuffle(seed=seed, buffer_size=1000), eval_ds
+
+
 def _setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -280,6 +314,15 @@ def run_training(
     _setup_logging(training_args)
     # Everything that can refuse the run does so here, before the data, the model or the Hub is touched.
     check_arguments(training_args)
+    if data_args.streaming:
+        if training_args.max_steps <= 0:
+            raise ValueError(
+                "--streaming reads the training split as a stream of unknown length: pass --max_steps (optimizer "
+                "steps) instead of --num_train_epochs."
+            )
+        if sam_args.cache_embeddings:
+            logger.info("--streaming: training without the embedding cache (the encoder runs at every step).")
+            sam_args.cache_embeddings = False
     check_output_dir(training_args, sam_args.overwrite_output_dir)
     if training_args.should_log:
         default = default_output_dir(model_args.model_name_or_path, data_args.dataset_name)
@@ -319,18 +362,22 @@ def run_training(
             data_args.mask_column,
             model_args.cache_dir,
             model_args.token,
+            streaming=data_args.streaming,
         )
-        train_ds, eval_ds = split_source(
-            source,
-            data_args.train_split,
-            data_args.eval_split,
-            data_args.validation_split_percentage,
-            training_args.seed,
-        )
-        if data_args.max_train_samples is not None:
-            train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
-        if eval_ds is not None and data_args.max_eval_samples is not None:
-            eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
+        if data_args.streaming:
+            train_ds, eval_ds = streaming_splits(source, data_args, training_args.seed)
+        else:
+            train_ds, eval_ds = split_source(
+                source,
+                data_args.train_split,
+                data_args.eval_split,
+                data_args.validation_split_percentage,
+                training_args.seed,
+            )
+            if data_args.max_train_samples is not None:
+                train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
+            if eval_ds is not None and data_args.max_eval_samples is not None:
+                eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
         train_ds = index_objects(train_ds, data_args.mask_type, "train", data_args.preprocessing_num_workers)
         if eval_ds is not None:
             eval_ds = index_objects(eval_ds, data_args.mask_type, "eval", data_args.preprocessing_num_workers)
@@ -357,17 +404,20 @@ def run_training(
             eval_ds = eval_ds.remove_columns("image")
 
     box_baseline = box_baseline_dice(eval_ds) if eval_ds is not None else None
-    train_ds = train_ds.with_transform(
-        SamTransform(
-            processor,
-            train=True,
-            box_jitter=sam_args.box_jitter,
-            max_objects_per_image=sam_args.max_objects_per_image,
-            mask_type=data_args.mask_type,
-            seed=training_args.seed,
-            point_prompts=sam_args.multimask_training,
-        )
+    train_transform = SamTransform(
+        processor,
+        train=True,
+        box_jitter=sam_args.box_jitter,
+        max_objects_per_image=sam_args.max_objects_per_image,
+        mask_type=data_args.mask_type,
+        seed=training_args.seed,
+        point_prompts=sam_args.multimask_training,
     )
+    if isinstance(train_ds, datasets.IterableDataset):
+        # Rows are transformed as they stream in (in the dataloader workers), batched like with_transform.
+        train_ds = train_ds.map(train_transform, batched=True, batch_size=16, remove_columns=train_ds.column_names)
+    else:
+        train_ds = train_ds.with_transform(train_transform)
     if eval_ds is not None:
         eval_ds = eval_ds.with_transform(
             SamTransform(processor, train=False, mask_type=data_args.mask_type, with_instances=True)
@@ -426,6 +476,8 @@ def run_training(
         iou_loss_weight=sam_args.iou_loss_weight,
     )
 
+    if isinstance(train_ds, datasets.IterableDataset):
+        trainer.add_callback(PromptEpochCallback(train_transform))
     all_metrics: dict[str, float] = {}
     if eval_ds is not None and sam_args.eval_before_training:
         base = trainer.evaluate(metric_key_prefix="base_eval")
@@ -441,7 +493,8 @@ def run_training(
         raise EmbeddingCacheError(f"{err} {quarantine_damaged(train_ds, eval_ds)}") from err
     trainer.save_model()
     metrics = train_result.metrics
-    metrics["train_samples"] = len(train_ds)
+    if not isinstance(train_ds, datasets.IterableDataset):
+        metrics["train_samples"] = len(train_ds)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()

@@ -26,8 +26,13 @@ class PromptEpochCallback(TrainerCallback):
     Runs before the epoch's dataloader iterator (and its workers) is created, also when resuming mid-epoch.
     """
 
-    def __init__(self, dataset: Any):
-        self.transform = (getattr(dataset, "format", None) or {}).get("format_kwargs", {}).get("transform")
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    @classmethod
+    def for_dataset(cls, dataset: Any) -> PromptEpochCallback:
+        """The callback for the transform a `Dataset.with_transform` attached (none for other datasets)."""
+        return cls((getattr(dataset, "format", None) or {}).get("format_kwargs", {}).get("transform"))
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if hasattr(self.transform, "set_epoch"):
@@ -99,8 +104,10 @@ class SamTrainer(Trainer):
         self.iou_loss_weight = iou_loss_weight
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
+        epoch_callback = PromptEpochCallback.for_dataset(self.train_dataset)
+        if epoch_callback.transform is not None:
+            self.add_callback(epoch_callback)
         if self.train_dataset is not None:
-            self.add_callback(PromptEpochCallback(self.train_dataset))
             if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
                 logger.warning(
                     "--dataloader_persistent_workers keeps each worker's copy of the transform from epoch 0: box "

@@ -254,3 +254,29 @@ def test_dataloader_workers_default_on_gpu_machines_only(monkeypatch, tmp_path):
     assert parse_args([str(config)])[3].dataloader_num_workers == 8
     monkeypatch.setattr("sam_hf.run.default_dataloader_num_workers", lambda: 0)
     assert parse_args(base)[3].dataloader_num_workers == 0
+
+
+def test_streaming_trains_without_cache_and_evaluates(tiny_model_dir, nuclei_dir, tmp_path, caplog):
+    import json
+    import logging
+
+    from sam_hf.run import parse_args, run_training
+
+    out = tmp_path / "stream"
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out)]
+    argv += "--streaming --max_steps 3 --per_device_train_batch_size 2 --max_eval_samples 3".split()
+    argv += "--max_objects_per_image 4 --eval_strategy no --save_strategy no --report_to none".split()
+    argv += "--eval_before_training false --use_cpu --log_level info".split()
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
+        metrics = run_training(*parse_args(argv + ["--embedding_cache_dir", str(tmp_path / "cache")]))
+    assert "training without the embedding cache" in caplog.text
+    assert "the first 3 training rows are the evaluation split" in caplog.text
+    assert not (tmp_path / "cache").exists(), "a stream is never cached"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert metrics["eval_samples"] == 3 and 0.0 <= metrics["eval_dice"] <= 1.0
+    from transformers import SamModel
+
+    SamModel.from_pretrained(out)
+    with pytest.raises(ValueError, match="--streaming .* pass --max_steps"):
+        run_training(*parse_args(argv[: argv.index("--max_steps")] + ["--output_dir", str(tmp_path / "x")]))
