@@ -518,16 +518,17 @@ def resize_and_pad_masks(masks: torch.Tensor, longest_edge: int, pad_size: int, 
 
 
 @functools.lru_cache(maxsize=32)
-def _resize_weights(size: int, new_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def _resize_weights(size: int, new_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The `(new_size, size)` matrix of `F.interpolate(mode="bilinear", antialias=True)` along one axis, and for each
     input index the first and last output index it reaches."""
     # F.interpolate of an identity image along its last axis (the other axis keeps its size, an exact identity).
     eye = torch.eye(size)[None, None]
     weights = F.interpolate(eye, size=(size, new_size), mode="bilinear", antialias=True, align_corners=False)[0, 0].T
-    reached = (weights != 0).numpy()
+    weights = weights.numpy().astype(np.float32)
+    reached = weights != 0
     first = reached.argmax(axis=0)
     last = new_size - 1 - reached[::-1].argmax(axis=0)
-    return weights.contiguous(), first, last
+    return weights, first, last
 
 
 def object_labels(
@@ -551,12 +552,13 @@ def object_labels(
     new_h, new_w = resized_shape(height, width, longest_edge)
     wy, first_y, last_y = _resize_weights(height, new_h)
     wx, first_x, last_x = _resize_weights(width, new_w)
-    out = torch.zeros(len(ids), pad_size, pad_size)
+    # numpy, not torch: these products are tiny, and torch's thread pool costs more than they do on a busy CPU.
+    out = np.zeros((len(ids), pad_size, pad_size), np.float32)
     for k, ((x0, y0, x1, y1), obj) in enumerate(zip(np.asarray(boxes, np.int64), ids)):
-        crop = torch.from_numpy(instances[y0 : y1 + 1, x0 : x1 + 1] == obj).float()
+        crop = (instances[y0 : y1 + 1, x0 : x1 + 1] == obj).astype(np.float32)
         j0, j1, i0, i1 = first_y[y0], last_y[y1] + 1, first_x[x0], last_x[x1] + 1
         out[k, j0:j1, i0:i1] = wy[j0:j1, y0 : y1 + 1] @ crop @ wx[i0:i1, x0 : x1 + 1].T
-    return out.clamp_(0, 1)
+    return torch.from_numpy(np.clip(out, 0, 1, out=out))
 
 
 class SamTransform:
