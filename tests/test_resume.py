@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 ARGS = (
     "--max_steps 8 --per_device_train_batch_size 2 --learning_rate 1e-3 --max_train_samples 6 --max_eval_samples 2 "
     "--max_objects_per_image 4 --box_jitter 5 --eval_strategy no --eval_before_training false --save_strategy steps "
-    "--save_steps 4 --logging_steps 1 --report_to none --seed 3 --dataloader_num_workers {workers}"
+    "--save_steps 4 --logging_steps 1 --report_to none --seed 3 --dataloader_num_workers {workers} --use_cpu"
 )
 
 # Runs scripts/train.py's job with a callback that SIGKILLs the process right after checkpoint-4 is written.

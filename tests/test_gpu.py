@@ -1,0 +1,58 @@
+"""GPU paths: skipped without CUDA (CI has none); run on a GPU machine with `pytest -m gpu`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import SamModel, SamProcessor
+
+from sam_hf import SamDataCollator, SamDiceCELoss, SamTransform, freeze_modules
+from sam_hf.cache import add_image_embeddings, read_embedding
+from sam_hf.data import index_objects, load_source
+
+pytestmark = pytest.mark.gpu
+
+
+def test_cache_built_on_cuda_matches_cpu(tiny_model_dir, nuclei_dir, tmp_path):
+    model = SamModel.from_pretrained(tiny_model_dir)
+    ip = SamProcessor.from_pretrained(tiny_model_dir).image_processor
+    ds = index_objects(load_source(str(nuclei_dir))["train"].select(range(6)))
+    cpu = add_image_embeddings(ds, model, ip, dtype="float32", cache_dir=str(tmp_path / "cpu"))
+    cuda = add_image_embeddings(
+        ds, model, ip, dtype="float32", cache_dir=str(tmp_path / "cuda"), device="cuda", num_workers=2
+    )
+    bf16 = add_image_embeddings(
+        ds, model, ip, cache_dir=str(tmp_path / "bf16"), device="cuda", autocast_dtype=torch.bfloat16
+    )
+    assert next(model.parameters()).device.type == "cpu", "the model goes back where it was"
+    for i in range(len(ds)):
+        reference = read_embedding(cpu[i])
+        torch.testing.assert_close(read_embedding(cuda[i]), reference, rtol=1e-3, atol=1e-4)
+        # bf16 keeps about 3 significant digits: compare relative to the embedding's scale.
+        scale = reference.abs().max()
+        assert (read_embedding(bf16[i]) - reference).abs().max() < 0.05 * scale
+    assert cpu[0]["original_sizes"] == cuda[0]["original_sizes"] == bf16[0]["original_sizes"]
+
+
+def test_cached_training_step_on_cuda_matches_cpu(tiny_model_dir, nuclei_dir, tmp_path):
+    model = SamModel.from_pretrained(tiny_model_dir)
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    freeze_modules(model)
+    ds = index_objects(load_source(str(nuclei_dir))["train"].select(range(2)))
+    cached = add_image_embeddings(ds, model, processor.image_processor, dtype="float32", cache_dir=str(tmp_path))
+    train = cached.remove_columns("image").with_transform(
+        SamTransform(processor, train=False, max_objects_per_image=4)
+    )
+    batch = SamDataCollator()([train[0], train[1]])
+    losses = {}
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        out = model(
+            image_embeddings=batch["image_embeddings"].to(device),
+            input_boxes=batch["input_boxes"].to(device),
+            multimask_output=False,
+        )
+        loss, _ = SamDiceCELoss()(out.pred_masks[:, :, 0], batch["labels"].to(device))
+        loss.backward()
+        losses[device] = loss.item()
+    assert abs(losses["cpu"] - losses["cuda"]) < 1e-3 * max(1.0, abs(losses["cpu"]))
