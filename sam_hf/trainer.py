@@ -39,6 +39,25 @@ class PromptEpochCallback(TrainerCallback):
             self.transform.set_epoch(math.floor(state.epoch + 1e-9))
 
 
+class FiniteGradientCallback(TrainerCallback):
+    """Stop before an optimizer step whose gradients hold NaN or infinity, which would make every weight NaN.
+
+    Not under `--fp16`, whose gradient scaler skips such steps on purpose.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+            raise FloatingPointError(
+                f"Non-finite gradients at step {state.global_step} in {len(bad)} parameter(s), e.g. {bad[:3]}: "
+                "stopping before the optimizer makes the weights NaN. Check the learning rate, the precision and "
+                "the inputs."
+            )
+
+
 class SamTrainer(Trainer):
     """Trainer for SAM mask decoders prompted with boxes.
 
@@ -104,6 +123,7 @@ class SamTrainer(Trainer):
         self.iou_loss_weight = iou_loss_weight
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
+        self.add_callback(FiniteGradientCallback())
         epoch_callback = PromptEpochCallback.for_dataset(self.train_dataset)
         if epoch_callback.transform is not None:
             self.add_callback(epoch_callback)

@@ -107,3 +107,29 @@ def test_non_finite_loss_stops_the_run(tiny_model_dir, nuclei_dir, tmp_path):
     with pytest.raises(FloatingPointError, match="Non-finite training loss .* at step 0"):
         run_training(*parse_args(argv))
     assert not (out / "model.safetensors").exists(), "a NaN model must not be saved"
+
+
+def test_non_finite_gradient_stops_the_run(tiny_model_dir, nuclei_dir, tmp_path, monkeypatch):
+    """A finite loss whose backward pass overflows: the step is refused, not applied."""
+    from sam_hf.loss import SamDiceCELoss
+    from sam_hf.run import parse_args, run_training
+
+    class InfiniteGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    forward = SamDiceCELoss.forward
+    monkeypatch.setattr(
+        SamDiceCELoss, "forward", lambda self, logits, labels: forward(self, InfiniteGradient.apply(logits), labels)
+    )
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out)]
+    argv += ["--embedding_cache_dir", str(tmp_path / "cache"), "--max_grad_norm", "0"] + ARGS.format(workers=0).split()
+    with pytest.raises(FloatingPointError, match="Non-finite gradients at step 0"):
+        run_training(*parse_args(argv))
+    assert not (out / "model.safetensors").exists()
