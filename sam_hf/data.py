@@ -605,16 +605,24 @@ class SamTransform:
         self.max_objects_per_image = max_objects_per_image
         self.mask_type = mask_type
         self.seed = seed
-        self.epoch = 0
+        # In shared memory, so that dataloader workers (persistent ones too) see the epoch the trainer sets.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.rng = np.random.default_rng(seed)
         self.with_instances = with_instances
         ip = processor.image_processor
         self.mask_longest_edge = ip.mask_size["longest_edge"]
         self.mask_pad = ip.mask_pad_size["height"]
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Key the prompt randomness of the rows that follow by `epoch` (`SamTrainer` calls it at each epoch start)."""
-        self.epoch = int(epoch)
+        """Key the prompt randomness of the rows that follow by `epoch` (`SamTrainer` calls it at each epoch start).
+
+        Dataloader workers read it from shared memory, so it also reaches persistent workers.
+        """
+        self._epoch[0] = int(epoch)
 
     def row_rng(self, row_key: int) -> np.random.Generator:
         """The generator of one row's prompts, keyed by `(seed, epoch, row)`.

@@ -108,6 +108,9 @@ def _with_defaults(model_args, data_args, sam_args, training_args, given: set[st
         if workers:
             training_args.dataloader_num_workers = workers
             logger.info("--dataloader_num_workers %d (the default on a GPU machine; pass it to choose).", workers)
+    if "dataloader_persistent_workers" not in given and training_args.dataloader_num_workers > 0:
+        # Restarting the workers costs every epoch a stall; the prompt epoch reaches persistent workers (shared).
+        training_args.dataloader_persistent_workers = True
     return model_args, data_args, sam_args, training_args
 
 

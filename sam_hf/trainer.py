@@ -127,12 +127,6 @@ class SamTrainer(Trainer):
         epoch_callback = PromptEpochCallback.for_dataset(self.train_dataset)
         if epoch_callback.transform is not None:
             self.add_callback(epoch_callback)
-        if self.train_dataset is not None:
-            if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
-                logger.warning(
-                    "--dataloader_persistent_workers keeps each worker's copy of the transform from epoch 0: box "
-                    "jitter and object sampling then repeat every epoch. Leave it off for fresh prompts per epoch."
-                )
 
     def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
         kwargs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}

@@ -429,3 +429,25 @@ def test_decompression_bomb_names_the_file_and_the_way_out(tmp_path, monkeypatch
     with caplog.at_level(logging.WARNING, logger="sam_hf"):
         assert len(load_image_folder(root)) == 1
     assert "images/big.png is larger than" in caplog.text and "masks/big.png" in caplog.text
+
+
+def test_epoch_reaches_persistent_dataloader_workers(nuclei_dir, tiny_model_dir):
+    from transformers import SamProcessor
+
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    ds = index_objects(load_source(str(nuclei_dir))["train"].select(range(4)))
+    transform = SamTransform(processor, train=True, box_jitter=5, max_objects_per_image=3, seed=7)
+    train = ds.with_transform(transform)
+    kwargs = {"batch_size": 2, "collate_fn": SamDataCollator(), "shuffle": False}
+    persistent = torch.utils.data.DataLoader(train, num_workers=2, persistent_workers=True, **kwargs)
+    in_process = torch.utils.data.DataLoader(train, num_workers=0, **kwargs)
+
+    def boxes(loader):
+        return torch.cat([batch["input_boxes"] for batch in loader])
+
+    epochs = []
+    for epoch in range(2):
+        transform.set_epoch(epoch)
+        epochs.append(boxes(persistent))
+        torch.testing.assert_close(epochs[-1], boxes(in_process), rtol=0, atol=0)
+    assert not torch.equal(epochs[0], epochs[1]), "the second epoch must draw new prompts in the same workers"

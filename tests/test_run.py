@@ -245,6 +245,9 @@ def test_dataloader_workers_default_on_gpu_machines_only(monkeypatch, tmp_path):
     # A GPU machine, as far as the default is concerned (TrainingArguments itself must still see no CUDA here).
     monkeypatch.setattr("sam_hf.run.default_dataloader_num_workers", lambda: 8)
     assert parse_args(base)[3].dataloader_num_workers == 8
+    assert parse_args(base)[3].dataloader_persistent_workers
+    assert not parse_args(base + ["--dataloader_persistent_workers", "false"])[3].dataloader_persistent_workers
+    assert not parse_args(base + ["--dataloader_num_workers", "0"])[3].dataloader_persistent_workers
     for explicit in (["--dataloader_num_workers", "0"], ["--dataloader-num-workers=0"], ["--dataloader_num", "0"]):
         assert parse_args(base + explicit)[3].dataloader_num_workers == 0, explicit
     config = tmp_path / "c.yaml"
