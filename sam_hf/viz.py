@@ -790,7 +790,7 @@ def plot_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any], title
     scores = {name: series for name, series in scores.items() if len(series[0])}
     best_step = state.get("best_global_step")
 
-    fig = _new_figure(10.0 if scores else 5.5, 3.8)
+    fig = _new_figure(12.0 if scores else 5.5, 3.8)
     axes = fig.subplots(1, 2 if scores else 1, squeeze=False)[0]
     ax = axes[0]
     if len(train_steps):
@@ -815,7 +815,7 @@ def plot_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any], title
                 color="tab:green",
                 linestyle="--",
                 linewidth=1.0,
-                label=f'"fill the box" Dice ({baseline:.3f})',
+                label=f'"fill the box" baseline Dice ({baseline:.3f})',
             )
         if best_step is not None:
             ax.axvline(
@@ -823,7 +823,8 @@ def plot_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any], title
             )
         _style(ax, "evaluation (per-object, exact boxes)", "score")
         ax.set_ylim(0, 1)  # Dice and IoU lie in [0, 1]: a zoomed axis would make small changes look large
-        ax.legend(fontsize=8, loc="lower right")
+        # Beside the panel, where it can hide no curve wherever the scores lie.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

@@ -434,7 +434,7 @@ def test_plot_loss_curves_from_hand_written_state(tmp_path):
     np.testing.assert_array_equal(lines["eval Dice"].get_ydata(), [0.50, 0.62])
     assert "base model Dice" in lines and "best checkpoint (step 40)" in lines
     # The filled-box baseline is a horizontal reference, and the score axis shows all of [0, 1].
-    baseline = lines['"fill the box" Dice (0.840)']
+    baseline = lines['"fill the box" baseline Dice (0.840)']
     assert set(baseline.get_ydata()) == {0.84}
     assert eval_ax.get_ylim() == (0.0, 1.0)
     png = save_and_read(fig, tmp_path / "loss.png", dpi=80)
