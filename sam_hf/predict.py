@@ -1,5 +1,6 @@
 """`scripts/predict.py`: segment one image or a folder with box and/or point prompts and write masks, a label
-image, an overlay and the scores.
+image (raw, and in colour for viewing), an overlay with each mask's score, and the scores. A prompt whose mask comes
+back empty is logged as a warning naming the image and the prompt.
 
 Prompts come from the command line (one set for every image) or from a JSON file, either one set for every image or
 one per image keyed by file name or stem:
@@ -12,6 +13,7 @@ one per image keyed by file name or stem:
 
 from __future__ import annotations
 
+import colorsys
 import json
 import logging
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, to_rgb_array
@@ -27,7 +29,15 @@ from .inference import PromptError, SamPredictor, label_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictArguments", "load_prompts", "overlay", "parse_coordinates", "run_prediction"]
+__all__ = [
+    "PredictArguments",
+    "color_labels",
+    "label_colors",
+    "load_prompts",
+    "overlay",
+    "parse_coordinates",
+    "run_prediction",
+]
 
 PROMPT_KEYS = ("boxes", "points", "point_labels")
 
@@ -123,8 +133,45 @@ def load_prompts(args: PredictArguments, image_paths: list[Path]) -> dict[Path, 
     return out
 
 
-def _palette(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(40, 256, size=(n, 3)).astype(np.float64)
+def label_colors(n: int) -> np.ndarray:
+    """`(n, 3)` uint8 colours, distinct and bright: hues follow the golden-ratio sequence (neighbouring labels get
+    distant hues), and saturation and value cycle so that hues that come close again still differ."""
+    index = np.arange(n)
+    hues = (0.05 + index * 0.6180339887498949) % 1.0
+    saturation = 0.9 - 0.3 * ((index // 7) % 3) / 2
+    value = 1.0 - 0.25 * ((index // 3) % 2)
+    rgb = [colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hues, saturation, value)]
+    return np.round(np.asarray(rgb, np.float64).reshape(-1, 3) * 255).astype(np.uint8)
+
+
+def color_labels(labels: np.ndarray) -> np.ndarray:
+    """A viewable `(H, W, 3)` uint8 image of a label image: background (0) black, label `i` in `label_colors`'s
+    colour `i - 1`, the colour the overlay gives mask `i - 1`."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"Expected an (H, W) label image, got shape {labels.shape}.")
+    lut = np.concatenate([np.zeros((1, 3), np.uint8), label_colors(int(labels.max(initial=0)))])
+    return lut[labels]
+
+
+def _font(image_size: tuple[int, int]) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    size = max(10, min(image_size) // 24)
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _score_text(draw: ImageDraw.ImageDraw, anchor_box: np.ndarray, text: str, size: tuple[int, int], font) -> None:
+    """`text` in white with a black outline at the top-left of `anchor_box`, above it when there is room and kept
+    inside the image."""
+    width, height = size
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=1)
+    tw, th = right - left, bottom - top
+    x0, y0, x1, y1 = (float(v) for v in anchor_box)
+    x = min(max(x0, 0), max(width - tw, 0))
+    y = y0 - th - 1 if y0 - th - 1 >= 0 else min(y1 + 1, max(height - th, 0))
+    draw.text((x - left, y - top), text, fill="white", font=font, stroke_width=1, stroke_fill="black")
 
 
 def overlay(
@@ -134,18 +181,21 @@ def overlay(
     points: np.ndarray | None = None,
     point_labels: np.ndarray | None = None,
     alpha: float = 0.5,
+    scores: np.ndarray | None = None,
 ) -> Image.Image:
-    """Draw `(N, H, W)` masks in distinct colours over the image, with the box outlines and the points (positive
-    green, negative red). Needs only Pillow."""
+    """Draw `(N, H, W)` masks in distinct colours (`label_colors`) over the image, with the box outlines, the points
+    (positive green, negative red) and, given `scores`, each mask's score (predicted IoU) at its box, or at the
+    mask's own bounding box when it has no box. Needs only Pillow."""
     rgb = to_rgb_array(image).astype(np.float64)
     masks = np.asarray(masks, bool)
-    colours = _palette(len(masks))
+    colours = label_colors(len(masks)).astype(np.float64)
     for mask, colour in zip(masks, colours):
         rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
     out = Image.fromarray(rgb.round().astype(np.uint8))
     draw = ImageDraw.Draw(out)
+    boxes = None if boxes is None else np.asarray(boxes, np.float64).reshape(-1, 4)
     if boxes is not None:
-        for box, colour in zip(np.asarray(boxes).reshape(-1, 4), colours):
+        for box, colour in zip(boxes, colours):
             draw.rectangle([float(v) for v in box], outline=tuple(int(c) for c in colour), width=1)
     if points is not None:
         points = np.asarray(points).reshape(-1, 2)
@@ -153,7 +203,27 @@ def overlay(
         for (x, y), label in zip(points, labels):
             r = 3
             draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 220, 0) if label else (230, 0, 0), outline="white")
+    if scores is not None:
+        font = _font(out.size)
+        for i, (mask, score) in enumerate(zip(masks, np.asarray(scores, np.float64).reshape(-1))):
+            if boxes is not None and len(boxes) == len(masks):
+                anchor = boxes[i]
+            elif mask.any():
+                ys, xs = np.nonzero(mask)
+                anchor = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+            else:
+                continue
+            _score_text(draw, anchor, f"score {score:.2f}", out.size, font)
     return out
+
+
+def _describe_prompt(prompts: dict[str, Any], i: int) -> str:
+    parts = []
+    for key, name in (("boxes", "box"), ("points", "points")):
+        values = prompts.get(key)
+        if values is not None and i < len(values):
+            parts.append(f"{name} {json.dumps(np.asarray(values[i]).tolist())}")
+    return ", ".join(parts) or "no prompt"
 
 
 def _list_images(path: Path) -> list[Path]:
@@ -196,11 +266,24 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
                     name = f"mask_{i:03d}.png" if len(candidates) == 1 else f"mask_{i:03d}_{j}.png"
                     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_dir / name)
                     files.append(str(mask_dir / name))
-        if args.save_masks in ("label", "both"):
-            Image.fromarray(label_image(best_masks)).save(out_dir / f"{path.stem}_labels.png")
-            files.append(str(out_dir / f"{path.stem}_labels.png"))
         p = prompts[path]
-        overlay(image, best_masks, p.get("boxes"), p.get("points"), p.get("point_labels")).save(
+        empty = [i for i, mask in enumerate(best_masks) if not mask.any()]
+        for i in empty:
+            logger.warning(
+                "%s: prompt %d (%s) gave an empty mask (score %.2f). Prompts are in pixels of the %dx%d image; check "
+                "that this one lies on an object.",
+                path.name,
+                i,
+                _describe_prompt(p, i),
+                best_scores[i],
+                *predictor.original_size[::-1],
+            )
+        if args.save_masks in ("label", "both"):
+            labels = label_image(best_masks)
+            Image.fromarray(labels).save(out_dir / f"{path.stem}_labels.png")
+            Image.fromarray(color_labels(labels)).save(out_dir / f"{path.stem}_labels_color.png")
+            files += [str(out_dir / f"{path.stem}_labels.png"), str(out_dir / f"{path.stem}_labels_color.png")]
+        overlay(image, best_masks, p.get("boxes"), p.get("points"), p.get("point_labels"), scores=best_scores).save(
             out_dir / f"{path.stem}_overlay.png"
         )
         files.append(str(out_dir / f"{path.stem}_overlay.png"))
@@ -212,6 +295,7 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
             "best_mask": prediction.scores.argmax(axis=1).tolist(),
             "best_score": best_scores.tolist(),
             "mask_area": best_masks.reshape(len(best_masks), -1).sum(1).tolist(),
+            "empty_masks": empty,
             "files": files,
         }
         (out_dir / f"{path.stem}.json").write_text(json.dumps(entry, indent=2) + "\n")

@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from .modeling import count_parameters, freeze_modules, freeze_unused_decoder_ou
 from .trainer import PromptEpochCallback, SamTrainer
 
 logger = logging.getLogger(__name__)
+# The end-of-run summary has its own logger, so that it shows at transformers' default (warning) verbosity.
+SUMMARY_LOGGER = logging.getLogger(f"{__name__}.summary")
 
 __all__ = [
     "box_baseline_dice",
@@ -37,8 +41,10 @@ __all__ = [
     "config_to_argv",
     "default_dataloader_num_workers",
     "default_output_dir",
+    "evaluate_command",
     "parse_args",
     "run_training",
+    "training_summary",
     "write_figures",
 ]
 
@@ -179,6 +185,68 @@ def write_figures(
     if written:
         logger.info("Wrote %s", ", ".join(p.name for p in written))
     return written
+
+
+# DataArguments that do not change which images are evaluated, left out of the suggested evaluate.py command.
+_NOT_FOR_EVALUATION = {"max_train_samples", "preprocessing_num_workers"}
+
+
+def evaluate_command(model_name_or_path: str, output_dir: str, data_args: DataArguments, seed: int) -> str:
+    """The `scripts/evaluate.py` command that scores the base and the tuned model on the run's held-out images: the
+    run's data flags that differ from their defaults, and `--seed` if it is not 42."""
+    python = os.path.relpath(sys.executable) if sys.executable else "python"
+    if python.startswith(".."):
+        python = "python"
+    argv = [python, "scripts/evaluate.py", "--model", f"base={model_name_or_path}", f"tuned={output_dir}"]
+    for f in fields(DataArguments):
+        value = getattr(data_args, f.name)
+        if f.name in _NOT_FOR_EVALUATION or value is None or value == f.default:
+            continue
+        argv += [f"--{f.name}", f"{value:g}" if isinstance(value, float) else str(value)]
+    if seed != 42:
+        argv += ["--seed", str(seed)]
+    argv += ["--output_dir", f"{os.path.normpath(output_dir)}-eval"]
+    return shlex.join(argv)
+
+
+def training_summary(
+    metrics: dict[str, float],
+    output_dir: str,
+    figures: list[Path] | tuple[Path, ...] = (),
+    best_step: int | None = None,
+    eval_images: int | None = None,
+    next_command: str | None = None,
+    hub_model_id: str | None = None,
+) -> str:
+    """The few lines a run ends with: held-out Dice and IoU before -> after, the filled-box baseline, where the
+    model, card and figures are, and the next command to run."""
+    lines = ["Training finished."]
+    after = {k: metrics.get(f"eval_{k}") for k in ("dice", "iou")}
+    if after["dice"] is not None:
+        objects = metrics.get("eval_num_objects", metrics.get("base_eval_num_objects"))
+        where = " on the held-out images" if eval_images is None else f" on the {eval_images} held-out images"
+        where += f" ({objects:g} objects)" if objects is not None else ""
+        best = f" (best checkpoint, step {best_step})" if best_step is not None else ""
+        lines.append(f"Per-object scores{where}, exact box prompts{best}:")
+        for key, name in (("dice", "Dice"), ("iou", "IoU")):
+            before = metrics.get(f"base_eval_{key}")
+            if after[key] is None:
+                continue
+            if before is None:
+                lines.append(f"  {name:<4} {after[key]:.3f}")
+            else:
+                change = after[key] - before
+                lines.append(f"  {name:<4} {before:.3f} -> {after[key]:.3f} ({change:+.3f})")
+        baseline = metrics.get("base_eval_box_baseline_dice")
+        if baseline is not None:
+            lines.append(f'  "fill the box" baseline Dice {baseline:.3f}')
+    out = os.path.normpath(output_dir)
+    lines.append(f"Model and model card: {out}/ (README.md)" + (f", pushed to {hub_model_id}" if hub_model_id else ""))
+    if figures:
+        lines.append("Figures: " + ", ".join(os.path.join(out, Path(f).name) for f in figures))
+    if next_command:
+        lines.append(f"Next, compare the base and tuned models on the same images:\n  {next_command}")
+    return "\n".join(lines)
 
 
 def quarantine_damaged(*splits: datasets.Dataset | None) -> str:
@@ -511,15 +579,35 @@ def run_training(
         card_info["metrics_after"] = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         all_metrics.update(metrics)
 
+    figures: list[Path] = []
     if trainer.is_world_process_zero():
         # The model and metrics are saved: an optional figure must not fail the run, nor keep the card or the push
         # from happening.
         try:
-            write_figures(trainer, processor, figure_images, data_args.mask_type)
+            figures = write_figures(trainer, processor, figure_images, data_args.mask_type)
         except Exception as err:
             logger.warning("Figures not written (%s: %s).", type(err).__name__, err, exc_info=True)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training")
     else:
         trainer.create_model_card()
+    if trainer.is_world_process_zero():
+        # Last, after every progress bar: what the run achieved, where it is, and what to run next.
+        summary = training_summary(
+            all_metrics,
+            training_args.output_dir,
+            figures,
+            best_step=trainer.state.best_global_step if training_args.load_best_model_at_end else None,
+            eval_images=len(eval_ds) if eval_ds is not None else None,
+            next_command=evaluate_command(
+                model_args.model_name_or_path, training_args.output_dir, data_args, training_args.seed
+            )
+            if eval_ds is not None
+            else None,
+            hub_model_id=training_args.hub_model_id if training_args.push_to_hub else None,
+        )
+        if training_args.log_level == "passive":
+            # The summary shows at the default verbosity, which keeps sam_hf's other info lines quiet.
+            SUMMARY_LOGGER.setLevel(logging.INFO)
+        SUMMARY_LOGGER.info("%s", summary)
     return all_metrics

@@ -33,10 +33,12 @@ import numpy as np
 
 try:
     from matplotlib import colors as mcolors
+    from matplotlib import patheffects
     from matplotlib.axes import Axes
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
 except ImportError as err:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "sam_hf.viz needs matplotlib, which is an optional extra: pip install 'sam_hf[viz]' (or pip install "
@@ -52,6 +54,7 @@ __all__ = [
     "boxes_from_masks",
     "compare_runs",
     "dice_per_object",
+    "error_map",
     "has_loss_curves",
     "figure_to_array",
     "load_trainer_state",
@@ -74,6 +77,18 @@ POSITIVE_POINT_COLOR = "limegreen"
 NEGATIVE_POINT_COLOR = "red"
 # Objects above this count get no per-box label: the labels would hide the masks.
 MAX_LABELLED_OBJECTS = 12
+# On a more crowded image, the prediction panels label only this many objects: those with the lowest Dice.
+CROWDED_LABELS = 5
+# Pixel classes of `error_map` and their colours in `plot_base_vs_tuned`.
+CORRECT, FALSE_POSITIVE, MISSED = 1, 2, 3
+ERROR_COLORS = {
+    CORRECT: (0.30, 0.85, 0.30),  # green
+    FALSE_POSITIVE: (1.0, 0.25, 0.80),  # magenta
+    MISSED: (0.25, 0.65, 1.0),  # light blue
+}
+ERROR_NAMES = {CORRECT: "correct", FALSE_POSITIVE: "false positive", MISSED: "missed (false negative)"}
+# Box prompts in the prediction grid: white with a black edge, visible on dark and light images alike.
+PROMPT_BOX_COLOR = "white"
 NAME_CHARS = 28
 # Relative luminance below which object colours are lightened.
 MIN_LUMINANCE = 0.45
@@ -195,6 +210,33 @@ def dice_per_object(pred_masks: Any, gt_masks: Any) -> np.ndarray:
     pred, gt = pred.reshape(len(pred), -1), gt.reshape(len(gt), -1)
     stats = np.stack([(pred & gt).sum(1), pred.sum(1), gt.sum(1)], axis=1)
     return scores_from_stats(stats)["dice"] if len(stats) else np.zeros(0)
+
+
+def error_map(pred_masks: Any, gt_masks: Any) -> np.ndarray:
+    """Where a prediction is right and wrong, pixel by pixel, over the union of all objects.
+
+    A pixel is `CORRECT` (1) where some object is predicted and some object is true, `FALSE_POSITIVE` (2) where
+    some object is predicted but none is true, `MISSED` (3) where some object is true but none is predicted, and 0
+    elsewhere. A prediction that spills into a neighbouring object therefore counts as correct here; its own
+    per-object Dice (`dice_per_object`) still shows the error.
+
+    Args:
+        pred_masks: `(K, H, W)` predicted masks (or one `(H, W)` mask).
+        gt_masks: `(K', H, W)` ground-truth masks of the same image (or one `(H, W)` mask).
+
+    Returns:
+        `np.ndarray` of shape `(H, W)`, dtype uint8, values in {0, 1, 2, 3}.
+    """
+    pred = _as_masks(pred_masks, "predicted masks")
+    gt = _as_masks(gt_masks, "ground-truth masks")
+    if pred.shape[1:] != gt.shape[1:]:
+        raise ValueError(f"Predicted masks {pred.shape[1:]} and ground-truth masks {gt.shape[1:]} differ in (H, W).")
+    predicted, true = pred.any(0), gt.any(0)
+    out = np.zeros(gt.shape[1:], np.uint8)
+    out[predicted & true] = CORRECT
+    out[predicted & ~true] = FALSE_POSITIVE
+    out[~predicted & true] = MISSED
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -411,6 +453,83 @@ def _sample_arrays(sample: Mapping[str, Any], index: int) -> dict[str, Any]:
     }
 
 
+def _halo(linewidth: float = 2.0) -> list:
+    return [patheffects.withStroke(linewidth=linewidth, foreground="black")]
+
+
+def _prompt_box(ax: Axes, box: np.ndarray, linewidth: float) -> None:
+    """A box prompt in `PROMPT_BOX_COLOR` with a thin black edge, around the object's outermost pixels."""
+    patch = show_box(box, ax, color=PROMPT_BOX_COLOR, linewidth=linewidth)
+    patch.set_path_effects([patheffects.Stroke(linewidth=linewidth + 1.0, foreground="black"), patheffects.Normal()])
+
+
+def _prompts(ax: Axes, boxes: np.ndarray, points: Any, point_labels: Any, linewidth: float) -> None:
+    for box in boxes:
+        if np.isfinite(box).all():
+            _prompt_box(ax, box, linewidth)
+    if points is not None:
+        show_points(points, point_labels, ax, marker_size=80.0)
+
+
+def _box_label(ax: Axes, box: np.ndarray, text: str, shape: tuple[int, int], fontsize: float = 7.5) -> Any:
+    """White text with a black halo at a box, kept inside the image: above the box, or below it at the top edge,
+    anchored at the box side nearer the image centre so that the text runs inward."""
+    h, w = shape
+    x0, y0, x1, y1 = (float(v) for v in box)
+    right = (x0 + x1) / 2 > w / 2
+    x = min(x1 + 0.5, w - 0.5) if right else max(x0 - 0.5, -0.5)
+    if y0 - 0.5 > 0.1 * h:  # room above the box
+        y, va = y0 - 0.5, "bottom"
+    elif y1 + 0.5 < 0.9 * h:  # the box touches the top: below it
+        y, va = y1 + 0.5, "top"
+    else:  # the box spans the image: inside its top edge
+        y, va = max(y0 - 0.5, -0.5), "top"
+    return ax.text(
+        x,
+        y,
+        text,
+        fontsize=fontsize,
+        fontweight="bold",
+        color="white",
+        ha="right" if right else "left",
+        va=va,
+        clip_on=True,
+        path_effects=_halo(),
+    )
+
+
+def _error_layer(errors: np.ndarray, alpha: float) -> np.ndarray:
+    rgba = np.zeros((*errors.shape, 4), np.float32)
+    for value, color in ERROR_COLORS.items():
+        rgba[errors == value, :3] = color
+        rgba[errors == value, 3] = alpha
+    return rgba
+
+
+def _grid_legend(fig: Figure, with_points: bool) -> None:
+    box = Patch(facecolor="none", edgecolor=PROMPT_BOX_COLOR, linewidth=1.2, label="box prompt")
+    box.set_path_effects([patheffects.Stroke(linewidth=2.5, foreground="black"), patheffects.Normal()])
+    handles = [box]
+    if with_points:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="*",
+                linestyle="none",
+                markersize=10,
+                color=POSITIVE_POINT_COLOR,
+                markeredgecolor="white",
+                label="point prompt",
+            )  # fmt: skip
+        )
+    handles += [Patch(facecolor=ERROR_COLORS[v], label=ERROR_NAMES[v]) for v in (CORRECT, FALSE_POSITIVE, MISSED)]
+    handles.append(
+        Line2D([], [], marker="$0.85$", linestyle="none", markersize=17, color="black", label="object's Dice")
+    )
+    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=8, frameon=False)
+
+
 def plot_base_vs_tuned(
     samples: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     max_objects: int | None = None,
@@ -420,9 +539,14 @@ def plot_base_vs_tuned(
 ) -> Figure:
     """A grid of predictions against ground truth: one row per image, columns ground truth | each model.
 
-    Every column shows the same image, the same prompts and, in each object's own colour, the ground-truth mask
-    (first column) or that model's mask for the object's prompt. Column titles give each model's mean per-object
-    Dice on the image. With a single model this is the "eval predictions against ground truth" grid.
+    The first column shows the ground-truth objects, each in its own colour. Each model column shows where that
+    model's masks are right and wrong (`error_map`): correct pixels in green, false positives in magenta, missed
+    object pixels in light blue, so errors show without comparing panels. Every column draws the same box prompts
+    (white, edged in black) and point prompts. Model columns are titled with the model's mean per-object Dice on
+    the image, and objects are labelled with their Dice: all of them on images with at most
+    `MAX_LABELLED_OBJECTS` (12) drawn objects, otherwise the `CROWDED_LABELS` (5) with the lowest Dice. A legend
+    above the grid explains the colours. With a single model this is the "eval predictions against ground truth"
+    grid.
 
     Args:
         samples: one dict or a list of dicts, one per image, with the keys
@@ -437,13 +561,12 @@ def plot_base_vs_tuned(
             - `name` (optional): the image name, shown in the first column's title.
         max_objects (`int`, *optional*): draw only the first `max_objects` objects of each image (titles still
             report the mean over all objects). `None` draws all.
-        alpha (`float`, *optional*, defaults to 0.5): mask opacity.
+        alpha (`float`, *optional*, defaults to 0.5): opacity of the ground-truth and error colours.
         panel_size (`float`, *optional*, defaults to 3.6): width of each panel in inches.
-        seed (`int`, *optional*, defaults to 0): seed of the object colours.
+        seed (`int`, *optional*, defaults to 0): seed of the ground-truth object colours.
 
     Returns:
-        `matplotlib.figure.Figure`. With at most 12 drawn objects per image, each box is labelled with its object
-        number (ground truth) or that object's Dice (models).
+        `matplotlib.figure.Figure`.
     """
     if isinstance(samples, Mapping):
         samples = [samples]
@@ -455,38 +578,47 @@ def plot_base_vs_tuned(
         models += [m for m in row["predictions"] if m not in models]
     ncols = 1 + len(models)
     heights = [_panel_height(panel_size, r["image"].shape[0] / r["image"].shape[1], title_lines=2) for r in rows]
-    fig = _new_figure(panel_size * ncols, sum(heights))
+    fig = _new_figure(panel_size * ncols, sum(heights) + 0.4)
     axes = fig.subplots(len(rows), ncols, squeeze=False, gridspec_kw={"height_ratios": heights})
+    with_points = False
     for r, row in enumerate(rows):
         k = len(row["gt"])
         n = k if max_objects is None else min(k, max_objects)
-        colors = object_colors(n, seed)
+        shape = row["image"].shape[:2]
         boxes = row["boxes"][:n]
-        label_objects = n <= MAX_LABELLED_OBJECTS
+        linewidth = 1.0 if n <= 20 else 0.7
         points, point_labels = row["points"], row["point_labels"]
         if points is not None and points.ndim == 3 and len(points) == k:
             points, point_labels = points[:n], point_labels[:n]
-        shown = f"{k} objects" if n == k else f"{n} of {k} objects shown"
-        head = f"{_short(row['name'])}\n" if row["name"] else ""
+        with_points = with_points or points is not None
+
         ax = axes[r, 0]
-        _image_axes(ax, row["image"], f"{head}ground truth ({shown})")
-        _draw_objects(
-            ax, row["gt"][:n], colors, boxes, alpha, [str(i + 1) for i in range(n)] if label_objects else None
-        )
-        if points is not None:
-            show_points(points, point_labels, ax)
+        head = _short(row["name"], 24) if row["name"] else "ground truth"
+        count = f"{k} object{'s' if k != 1 else ''}" if n == k else f"{n} of {k} objects shown"
+        _image_axes(ax, row["image"], f"{head}\n{'ground truth, ' if row['name'] else ''}{count}")
+        if n:
+            ax.imshow(_overlay(row["gt"][:n], object_colors(n, seed), alpha), interpolation="nearest")
+        _prompts(ax, boxes, points, point_labels, linewidth)
         for c, model in enumerate(models, start=1):
             ax = axes[r, c]
             if model not in row["predictions"]:
-                _image_axes(ax, row["image"], f"{head}{model}: no prediction")
+                _image_axes(ax, row["image"], f"{_short(model)}\nno prediction")
                 continue
             dice = row["dice"][model]
             mean = float(np.mean(dice)) if len(dice) else float("nan")
-            _image_axes(ax, row["image"], f"{head}{model}: mean Dice {mean:.3f} ({k} objects)")
-            labels = [f"{d:.2f}" for d in dice[:n]] if label_objects else None
-            _draw_objects(ax, row["predictions"][model][:n], colors, boxes, alpha, labels)
-            if points is not None:
-                show_points(points, point_labels, ax)
+            labelled = (
+                np.arange(n) if n <= MAX_LABELLED_OBJECTS else np.argsort(dice[:n], kind="stable")[:CROWDED_LABELS]
+            )
+            note = "" if len(labelled) == n else f" ({len(labelled)} lowest labelled)"
+            _image_axes(ax, row["image"], f"{_short(model)}\nmean Dice {mean:.3f}{note}")
+            ax.imshow(
+                _error_layer(error_map(row["predictions"][model][:n], row["gt"][:n]), alpha), interpolation="nearest"
+            )
+            _prompts(ax, boxes, points, point_labels, linewidth)
+            for i in labelled:
+                if np.isfinite(boxes[i]).all():
+                    _box_label(ax, boxes[i], f"{dice[i]:.2f}", shape)
+    _grid_legend(fig, with_points)
     return fig
 
 
@@ -633,8 +765,9 @@ def plot_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any], title
     """Train and eval loss against step, and eval Dice (and IoU) on a second panel, from a run's trainer state.
 
     The base model's evaluation before training (`base_eval_results.json`, when the run has one) is drawn at step 0
-    as a hollow marker, and the best checkpoint (`best_global_step`) as a dotted vertical line. A run without
-    evaluation entries gets the loss panel only.
+    as a hollow marker, the score of predicting each filled box (`base_eval_box_baseline_dice`) as a dashed
+    horizontal line, and the best checkpoint (`best_global_step`) as a dotted vertical line. The score axis runs
+    from 0 to 1. A run without evaluation entries gets the loss panel only.
 
     Args:
         trainer_state: an output directory, a `trainer_state.json` path, or a loaded state dict (see
@@ -657,7 +790,7 @@ def plot_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any], title
     scores = {name: series for name, series in scores.items() if len(series[0])}
     best_step = state.get("best_global_step")
 
-    fig = _new_figure(10.0 if scores else 5.5, 3.8)
+    fig = _new_figure(12.0 if scores else 5.5, 3.8)
     axes = fig.subplots(1, 2 if scores else 1, squeeze=False)[0]
     ax = axes[0]
     if len(train_steps):
@@ -675,12 +808,23 @@ def plot_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any], title
             ax.plot(steps, values, f"{marker}-", color=color, markersize=4, label=f"eval {label}")
             if base.get(f"base_eval_{name}") is not None:
                 ax.plot([0], [base[f"base_eval_{name}"]], marker, mfc="none", color=color, label=f"base model {label}")
+        baseline = base.get("base_eval_box_baseline_dice")
+        if baseline is not None and "dice" in scores:
+            ax.axhline(
+                baseline,
+                color="tab:green",
+                linestyle="--",
+                linewidth=1.0,
+                label=f'"fill the box" baseline Dice ({baseline:.3f})',
+            )
         if best_step is not None:
             ax.axvline(
                 best_step, color="gray", linestyle=":", linewidth=1.2, label=f"best checkpoint (step {best_step})"
             )
         _style(ax, "evaluation (per-object, exact boxes)", "score")
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, 1)  # Dice and IoU lie in [0, 1]: a zoomed axis would make small changes look large
+        # Beside the panel, where it can hide no curve wherever the scores lie.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

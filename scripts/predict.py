@@ -1,10 +1,13 @@
 """Segment images with box and/or point prompts using a (fine-tuned) SAM checkpoint.
 
-    python scripts/predict.py --model runs/demo --images data/nuclei_demo/images/<stem>.png \
-        --boxes "10,12,40,44;60,8,90,30" --output_dir predictions
-    python scripts/predict.py --model runs/demo --images my_folder --prompts prompts.json --multimask_output
+    .venv/bin/python scripts/predict.py --model runs/demo \
+        --images data/nuclei_demo/images/fe80a2cf3c93dafad8c364fdd1646b0ba4db056cdb7bdb81474f957064812bba.png \
+        --boxes "237,38,285,80;11,60,53,101;148,279,187,326" --output_dir runs/predictions
+    .venv/bin/python scripts/predict.py --model runs/demo --images my_folder --prompts prompts.json --multimask_output
 
-Writes per image: <stem>/mask_NNN.png, <stem>_labels.png, <stem>_overlay.png and <stem>.json (scores, areas).
+Writes per image: <stem>/mask_NNN.png, <stem>_labels.png (uint16, for programs), <stem>_labels_color.png (for
+viewing), <stem>_overlay.png (masks, prompts and scores) and <stem>.json (scores, areas). A prompt whose mask comes
+back empty is logged as a warning naming the image and the prompt.
 """
 
 from __future__ import annotations

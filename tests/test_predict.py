@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sam_hf import PromptError, SamPredictor
-from sam_hf.predict import PredictArguments, overlay, parse_coordinates, run_prediction
+from sam_hf.predict import PredictArguments, color_labels, label_colors, overlay, parse_coordinates, run_prediction
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +37,12 @@ def test_cli_boxes_write_masks_labels_overlay(tiny_model_dir, image_files, tmp_p
     labels = np.asarray(Image.open(tmp_path / f"{stem}_labels.png"))
     assert labels.shape == (image.height, image.width)
     assert set(np.unique(labels)) <= {0, 1, 2}
+    # Beside the raw label image, a viewable one: black background, each label in its overlay colour.
+    colored = np.asarray(Image.open(tmp_path / f"{stem}_labels_color.png"))
+    assert colored.shape == (image.height, image.width, 3) and colored.dtype == np.uint8
+    assert (colored[labels == 0] == 0).all()
+    for value in np.unique(labels[labels > 0]):
+        assert (colored[labels == value] == label_colors(2)[value - 1]).all()
     report = json.loads((tmp_path / f"{stem}.json").read_text())
     np.testing.assert_allclose(report["scores"], expected.scores, atol=1e-6)
     assert report["mask_area"] == expected.masks[:, 0].reshape(2, -1).sum(1).tolist()
@@ -52,6 +58,59 @@ def test_overlay_colours_masks_and_marks_points():
     assert out[7, 10].sum() > 0 and out[0, 29].sum() == 0  # tinted inside, untouched far outside
     assert out[15, 25, 1] > 150 and out[15, 25, 0] < 100  # positive point green
     assert out[17, 3, 0] > 150 and out[17, 3, 1] < 100  # negative point red
+
+
+def test_color_labels_distinct_colours_black_background():
+    labels = np.array([[0, 1, 2], [3, 4, 0], [5, 6, 7]], np.uint16)
+    out = color_labels(labels)
+    assert out.shape == (3, 3, 3) and out.dtype == np.uint8
+    assert (out[labels == 0] == 0).all()
+    colours = {tuple(out[labels == v][0]) for v in range(1, 8)}
+    assert len(colours) == 7 and (0, 0, 0) not in colours
+    many = label_colors(200)
+    assert len({tuple(c) for c in many}) == 200
+    assert many.max(1).min() >= 150  # bright enough to read on black
+    assert color_labels(np.zeros((2, 2), np.uint16)).max() == 0
+
+
+def test_overlay_writes_each_score_at_its_box():
+    image = np.zeros((80, 120, 3), np.uint8)
+    masks = np.zeros((2, 80, 120), bool)
+    masks[0, 40:60, 20:40] = True
+    masks[1, 40:60, 70:100] = True
+    boxes = [[20, 40, 39, 59], [70, 40, 99, 59]]
+    plain = np.asarray(overlay(image, masks, boxes=boxes)).astype(int)
+    scored = np.asarray(overlay(image, masks, boxes=boxes, scores=[0.87, 0.42])).astype(int)
+    changed = np.abs(scored - plain).max(-1) > 0
+    rows, cols = np.nonzero(changed)
+    assert rows.max() < 40  # above the boxes, where there is room
+    assert (cols >= 20).all() and cols.min() < 40 and cols.max() >= 70  # starting at each box's left edge
+    assert scored[changed].min(-1).max() > 200  # white (anti-aliased) text
+    # A box at the top edge gets its score below, inside the image.
+    top = np.asarray(overlay(image, masks[:1], boxes=[[20, 0, 39, 10]], scores=[0.5])).astype(int)
+    rows, _ = np.nonzero(np.abs(top - np.asarray(overlay(image, masks[:1], boxes=[[20, 0, 39, 10]]))).max(-1) > 0)
+    assert rows.min() > 10
+
+
+def test_empty_mask_is_reported_with_image_and_prompt(tiny_model_dir, image_files, tmp_path, caplog, monkeypatch):
+    predict = SamPredictor.predict
+
+    def second_mask_empty(self, *args, **kwargs):
+        result = predict(self, *args, **kwargs)
+        result.masks[1] = False
+        return result
+
+    monkeypatch.setattr(SamPredictor, "predict", second_mask_empty)
+    args = PredictArguments(
+        model=str(tiny_model_dir), images=str(image_files[0]), boxes="10,12,60,70;100,40,180,170",
+        output_dir=str(tmp_path),
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="sam_hf.predict"):
+        report = run_prediction(args)
+    entry = report[image_files[0].name]
+    assert entry["empty_masks"] == [1] and entry["mask_area"][1] == 0
+    (record,) = [r for r in caplog.records if "empty mask" in r.getMessage()]
+    assert record.getMessage().startswith(f"{image_files[0].name}: prompt 1 (box [100.0, 40.0, 180.0, 170.0])")
 
 
 def test_points_multimask_and_json_prompts_for_a_folder(tiny_model_dir, image_files, tmp_path):

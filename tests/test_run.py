@@ -19,7 +19,7 @@ from transformers import SamModel, Trainer, TrainingArguments
 from sam_hf.data import load_source
 from sam_hf.hub import check_hub_access, render_model_card
 from sam_hf.modeling import load_model_and_processor
-from sam_hf.run import check_output_dir, parse_args, run_training
+from sam_hf.run import check_output_dir, evaluate_command, parse_args, run_training, training_summary
 
 TOKEN = "hf_samhfTestSecret0123456789abcdef"
 
@@ -88,11 +88,21 @@ def test_output_dir_check_lets_empty_missing_and_resumed_dirs_through(tmp_path):
     assert (tmp_path / "used" / "checkpoint-600").is_dir()
 
 
-def test_overwrite_output_dir_replaces_the_previous_run(tiny_model_dir, nuclei_dir, tmp_path):
+def test_overwrite_output_dir_replaces_the_previous_run(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     out = tmp_path / "run"
     _previous_run(out)
     extra = ("--overwrite_output_dir", "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "1")
-    run_training(*parse_args(_argv(tiny_model_dir, nuclei_dir, out, *extra)))
+    with caplog.at_level("INFO"):
+        metrics = run_training(*parse_args(_argv(tiny_model_dir, nuclei_dir, out, *extra)))
+    # The run ends on its summary, after every other log line (and so after the figures' evaluation).
+    last = caplog.records[-1]
+    assert last.name == "sam_hf.run.summary" and last.levelname == "INFO"
+    text = last.getMessage()
+    assert f"Dice {metrics['base_eval_dice']:.3f} -> {metrics['eval_dice']:.3f}" in text
+    assert f"IoU  {metrics['base_eval_iou']:.3f} -> {metrics['eval_iou']:.3f}" in text
+    assert f'"fill the box" baseline Dice {metrics["base_eval_box_baseline_dice"]:.3f}' in text
+    assert f"Model and model card: {out}/ (README.md)" in text
+    assert f"scripts/evaluate.py --model base={tiny_model_dir} tuned={out}" in text
     # Rotation kept the new checkpoint, not the old run's later one; metrics and figures are the new run's only.
     assert not (out / "checkpoint-600").exists() and (out / "checkpoint-2").is_dir()
     assert "stale_key" not in json.loads((out / "all_results.json").read_text())
@@ -283,3 +293,47 @@ def test_streaming_trains_without_cache_and_evaluates(tiny_model_dir, nuclei_dir
     SamModel.from_pretrained(out)
     with pytest.raises(ValueError, match="--streaming .* pass --max_steps"):
         run_training(*parse_args(argv[: argv.index("--max_steps")] + ["--output_dir", str(tmp_path / "x")]))
+
+
+def test_training_summary_by_hand():
+    metrics = {
+        "base_eval_dice": 0.4985, "base_eval_iou": 0.3782, "base_eval_box_baseline_dice": 0.8402,
+        "base_eval_num_objects": 226, "eval_dice": 0.5521, "eval_iou": 0.4187, "eval_num_objects": 226,
+    }  # fmt: skip
+    text = training_summary(
+        metrics,
+        "runs/demo/",
+        [Path("runs/demo/loss_curves.png"), Path("runs/demo/eval_predictions.png")],
+        best_step=600,
+        eval_images=8,
+        next_command="python scripts/evaluate.py --model base=m tuned=runs/demo",
+    )
+    assert text.splitlines() == [
+        "Training finished.",
+        "Per-object scores on the 8 held-out images (226 objects), exact box prompts (best checkpoint, step 600):",
+        "  Dice 0.498 -> 0.552 (+0.054)",
+        "  IoU  0.378 -> 0.419 (+0.041)",
+        '  "fill the box" baseline Dice 0.840',
+        "Model and model card: runs/demo/ (README.md)",
+        "Figures: runs/demo/loss_curves.png, runs/demo/eval_predictions.png",
+        "Next, compare the base and tuned models on the same images:",
+        "  python scripts/evaluate.py --model base=m tuned=runs/demo",
+    ]
+    # Without evaluation: only where the model is.
+    assert training_summary({"train_loss": 0.5}, "out").splitlines() == [
+        "Training finished.",
+        "Model and model card: out/ (README.md)",
+    ]
+
+
+def test_evaluate_command_repeats_the_runs_data_flags():
+    _, data_args, _, _ = parse_args(
+        ["--model_name_or_path", "models/tiny-sam-base", "--dataset_name", "data/nuclei_demo", "--output_dir", "o",
+         "--validation_split_percentage", "25", "--max_train_samples", "10", "--mask_type", "instance"]
+    )  # fmt: skip
+    command = evaluate_command("models/tiny-sam-base", "runs/demo", data_args, seed=42)
+    assert command.split(" ", 1)[1] == (
+        "scripts/evaluate.py --model base=models/tiny-sam-base tuned=runs/demo --dataset_name data/nuclei_demo "
+        "--mask_type instance --validation_split_percentage 25 --output_dir runs/demo-eval"
+    )
+    assert evaluate_command("m", "runs/x/", data_args, seed=7).endswith("--seed 7 --output_dir runs/x-eval")

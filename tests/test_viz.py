@@ -281,24 +281,88 @@ def test_plot_base_vs_tuned_grid_titles_and_colours(tmp_path):
     fig = viz.plot_base_vs_tuned(samples)
     assert len(fig.axes) == 6  # 2 rows x (ground truth | base | tuned)
     titles = [ax.get_title() for ax in fig.axes]
-    assert "img-1" in titles[0] and "ground truth (2 objects)" in titles[0] and "img-2" in titles[3]
-    assert "base: mean Dice 0.000" in titles[1] and "tuned: mean Dice 1.000" in titles[2]
+    assert titles[0] == "img-1\nground truth, 2 objects" and titles[3].startswith("img-2\n")
+    assert titles[1] == "base\nmean Dice 0.000" and titles[2] == "tuned\nmean Dice 1.000"
     png = save_and_read(fig, tmp_path / "grid.png")
     gt_ax, base_ax, tuned_ax = fig.axes[:3]
-    color = viz.object_colors(2, 0)[0]
-    expected = blend([128, 128, 128], color, 0.5)
-    for ax in (gt_ax, tuned_ax):
+    # Ground truth in the object's own colour; predictions in the colour of their error class.
+    expected = {
+        gt_ax: viz.object_colors(2, 0)[0],
+        base_ax: viz.ERROR_COLORS[viz.MISSED],  # base predicted nothing: object 0 is missed
+        tuned_ax: viz.ERROR_COLORS[viz.CORRECT],  # tuned predicted the ground truth exactly
+    }
+    for ax, color in expected.items():
         row, col = png_pixel(fig, ax, 8, 20)  # inside object 0, away from its point and box
-        assert np.abs(png[row, col] - expected).max() <= 3
-    row, col = png_pixel(fig, base_ax, 8, 20)
-    assert np.abs(png[row, col] - 128).max() <= 3  # base predicted nothing there
+        assert np.abs(png[row, col] - blend([128, 128, 128], color, 0.5)).max() <= 3, ax.get_title()
     # Point prompts are drawn in every column: green at the positive point.
     for ax in (gt_ax, base_ax, tuned_ax):
         row, col = png_pixel(fig, ax, 15, 15)
         assert png[row, col, 1] > png[row, col, 0] + 50
-    # Each box is labelled with its object's Dice in the model columns.
-    assert {t.get_text() for t in tuned_ax.texts} == {"1.00"}
-    assert {t.get_text() for t in base_ax.texts} == {"0.00"}
+    # Each box is labelled with its object's Dice in the model columns only.
+    assert [t.get_text() for t in tuned_ax.texts] == ["1.00", "1.00"]
+    assert [t.get_text() for t in base_ax.texts] == ["0.00", "0.00"]
+    assert len(gt_ax.texts) == 0
+    # One legend says what the boxes, colours and numbers are.
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "box prompt", "point prompt", "correct", "false positive", "missed (false negative)", "object's Dice",
+    ]  # fmt: skip
+
+
+def test_error_map_and_its_colours_by_hand(tmp_path):
+    gt = np.zeros((2, 40, 40), bool)
+    gt[0, 5:15, 5:15] = True  # object 0: predicted shifted right by 5 columns
+    gt[1, 25:35, 25:35] = True  # object 1: predicted exactly
+    pred = np.zeros_like(gt)
+    pred[0, 5:15, 10:20] = True
+    pred[1] = gt[1]
+    errors = viz.error_map(pred, gt)
+    expected = np.zeros((40, 40), np.uint8)
+    expected[5:15, 5:10] = viz.MISSED
+    expected[5:15, 10:15] = viz.CORRECT
+    expected[5:15, 15:20] = viz.FALSE_POSITIVE
+    expected[25:35, 25:35] = viz.CORRECT
+    np.testing.assert_array_equal(errors, expected)
+    # In the drawn grid, the false-positive colour is exactly on those pixels (one pixel of resampling margin).
+    image = np.zeros((40, 40, 3), np.uint8)
+    sample = {"image": image, "gt_masks": gt, "predictions": {"tuned": pred}}
+    fig = viz.plot_base_vs_tuned(sample, panel_size=4.0)
+    png = save_and_read(fig, tmp_path / "errors.png")
+    ax = fig.axes[1]
+    magenta = blend([0, 0, 0], viz.ERROR_COLORS[viz.FALSE_POSITIVE], 0.5)
+    for y in range(40):
+        for x in range(40):
+            row, col = png_pixel(fig, ax, x, y)
+            is_magenta = np.abs(png[row, col] - magenta).max() <= 3
+            near_fp = (np.abs(np.argwhere(expected == viz.FALSE_POSITIVE) - [y, x]).max(1) <= 1).any()
+            if expected[y, x] == viz.FALSE_POSITIVE and 6 <= y <= 13 and 16 <= x <= 18:
+                assert is_magenta, (y, x, png[row, col])  # inside, away from the box outline and the label
+            elif not near_fp:
+                assert not is_magenta, (y, x, png[row, col])
+    with pytest.raises(ValueError, match="differ"):
+        viz.error_map(pred, gt[:, :10])
+
+
+def test_plot_base_vs_tuned_labels_few_objects_inside_the_axes():
+    # 15 objects, more than MAX_LABELLED_OBJECTS: only the 5 with the lowest Dice are labelled, inside the axes,
+    # including objects touching the top, left and right edges.
+    image = np.full((60, 150, 3), 40, np.uint8)
+    gt = np.zeros((15, 60, 150), bool)
+    for i in range(15):
+        x = i * 10
+        gt[i, 0 if i % 2 else 50 : 10 if i % 2 else 60, x : x + 8] = True
+    dice = np.linspace(1.0, 0.3, 15)  # the last five are the lowest
+    sample = {"image": image, "gt_masks": gt, "predictions": {"tuned": gt}, "dice": {"tuned": dice}}
+    fig = viz.plot_base_vs_tuned(sample)
+    ax = fig.axes[1]
+    assert "(5 lowest labelled)" in ax.get_title()
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{d:.2f}" for d in dice[-5:])
+    fig.canvas.draw()
+    inside = ax.get_window_extent()
+    for text in ax.texts:
+        box = text.get_window_extent()
+        assert inside.x0 - 1 <= box.x0 and box.x1 <= inside.x1 + 1, text.get_text()
+        assert inside.y0 - 1 <= box.y0 and box.y1 <= inside.y1 + 1, text.get_text()
 
 
 def test_plot_base_vs_tuned_single_model_and_max_objects(tmp_path):
@@ -308,7 +372,7 @@ def test_plot_base_vs_tuned_single_model_and_max_objects(tmp_path):
     fig = viz.plot_base_vs_tuned(sample, max_objects=1)
     assert len(fig.axes) == 2
     assert "1 of 2 objects shown" in fig.axes[0].get_title()
-    assert "tuned: mean Dice 1.000 (2 objects)" in fig.axes[1].get_title()  # the mean is over all objects
+    assert fig.axes[1].get_title() == "tuned\nmean Dice 1.000"  # the mean is over all objects
     png = save_and_read(fig, tmp_path / "single.png")
     row, col = png_pixel(fig, fig.axes[1], 50, 50)  # inside object 1, which is not drawn
     assert np.abs(png[row, col] - 128).max() <= 3
@@ -355,7 +419,7 @@ def test_plot_loss_curves_from_hand_written_state(tmp_path):
     logs.insert(2, eval_logs([(20, 0.85, 0.50)])[0])
     logs.append(eval_logs([(40, 0.75, 0.62)])[0])
     logs.append({"step": 40, "train_loss": 0.9, "train_runtime": 3.0})  # the end-of-training summary: not a point
-    base = {"base_eval_loss": 1.1, "base_eval_dice": 0.3, "base_eval_iou": 0.2}
+    base = {"base_eval_loss": 1.1, "base_eval_dice": 0.3, "base_eval_iou": 0.2, "base_eval_box_baseline_dice": 0.84}
     run = write_run(tmp_path / "my-run", logs, base=base, best_global_step=40)
     fig = viz.plot_loss_curves(run)
     assert fig.get_suptitle() == "my-run"
@@ -369,6 +433,10 @@ def test_plot_loss_curves_from_hand_written_state(tmp_path):
     np.testing.assert_array_equal(lines["eval Dice"].get_xdata(), [20, 40])
     np.testing.assert_array_equal(lines["eval Dice"].get_ydata(), [0.50, 0.62])
     assert "base model Dice" in lines and "best checkpoint (step 40)" in lines
+    # The filled-box baseline is a horizontal reference, and the score axis shows all of [0, 1].
+    baseline = lines['"fill the box" baseline Dice (0.840)']
+    assert set(baseline.get_ydata()) == {0.84}
+    assert eval_ax.get_ylim() == (0.0, 1.0)
     png = save_and_read(fig, tmp_path / "loss.png", dpi=80)
     width, height = fig.get_size_inches() * 80
     assert png.shape == (round(height), round(width), 3)
