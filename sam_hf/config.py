@@ -101,7 +101,12 @@ class SamArguments:
         },
     )
     iou_loss_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the IoU-prediction (MSE) loss with --multimask_training."}
+        default=1.0,
+        metadata={
+            "help": "Weight of the IoU-prediction (MSE) loss: the IoU head learns the actual IoU of the box-prompted "
+            "mask (and, with --multimask_training, of the three point-prompted candidates). 0 turns it off and "
+            "freezes the IoU head, as sam_hf did before."
+        },
     )
     lambda_dice: float = field(default=1.0, metadata={"help": "Weight of the Dice term of DiceCE."})
     lambda_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term of DiceCE."})

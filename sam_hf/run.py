@@ -36,6 +36,7 @@ __all__ = [
     "check_output_dir",
     "config_to_argv",
     "default_output_dir",
+    "loss_description",
     "parse_args",
     "run_training",
     "write_figures",
@@ -110,6 +111,25 @@ def box_baseline_dice(dataset: datasets.Dataset) -> float:
     areas = np.concatenate([np.asarray(a, np.float64) for a in dataset["areas"]])
     box_areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
     return float(np.mean(2 * areas / (areas + box_areas)))
+
+
+def loss_description(sam_args: SamArguments) -> str:
+    """What the training loss is, in words, for the model card."""
+    text = (
+        f"MONAI DiceCELoss(sigmoid=True), lambda_dice={sam_args.lambda_dice}, lambda_ce={sam_args.lambda_ce}, on the "
+        "low-resolution mask logits of the box prompts with multimask_output=False"
+    )
+    if sam_args.iou_loss_weight > 0:
+        text += (
+            f", plus an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g}) between the IoU head's score for "
+            "that mask and its actual IoU with the target"
+        )
+    if sam_args.multimask_training:
+        text += (
+            "; plus, per object prompted with one random interior point and multimask_output=True, the best-of-3 "
+            f"DiceCE and an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g}) over the three candidates"
+        )
+    return text + "."
 
 
 def write_figures(
@@ -283,7 +303,7 @@ def run_training(
     freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
     if not sam_args.multimask_training:
         # Box-only single-mask training never reaches the multimask outputs or the IoU head.
-        freeze_unused_decoder_outputs(model)
+        freeze_unused_decoder_outputs(model, train_iou_head=sam_args.iou_loss_weight > 0)
     params = count_parameters(model)
     logger.info("Parameters after freezing: %s", params)
 
@@ -365,15 +385,9 @@ def run_training(
         "dataset_name": data_args.dataset_name,
         "frozen_modules": frozen,
         "trainable_parameters": str(params),
-        "loss": f"MONAI DiceCELoss(sigmoid=True), lambda_dice={sam_args.lambda_dice}, lambda_ce={sam_args.lambda_ce}, "
-        "on the low-resolution mask logits with multimask_output=False"
-        + (
-            f"; plus, per object prompted with one random interior point and multimask_output=True, the best-of-3 "
-            f"DiceCE and an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g})."
-            if sam_args.multimask_training
-            else "."
-        ),
+        "loss": loss_description(sam_args),
         "multimask_training": sam_args.multimask_training,
+        "iou_head_trained": sam_args.multimask_training or sam_args.iou_loss_weight > 0,
         "prompt_recipe": f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training "
         f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
         f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact.",

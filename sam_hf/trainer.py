@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .loss import SamDiceCELoss, multimask_loss
+from .loss import SamDiceCELoss, iou_prediction_loss, multimask_loss
 from .metrics import object_stats
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ class SamTrainer(Trainer):
     `num_items_in_batch` (it counts label pixels that are not -100; every object has `m * m` of them). Batch 2 with
     accumulation 1 therefore gives the same update as batch 1 with accumulation 2, and `loss_is_scaled_for_ga` is set.
 
+    IoU prediction: with `multimask_output=False` the model's `iou_scores[:, :, 0]` is the IoU head's prediction for
+    the mask it returns (mask token 0). Unless `iou_loss_weight` is 0, the loss adds `iou_loss_weight` times the mean
+    squared error between it and that mask's actual IoU with the target (`sam_hf.loss.iou_prediction_loss`), so that
+    `iou_scores` keep meaning "expected IoU" while the decoder changes, in training and evaluation loss alike.
+
     Multimask training: when a training batch also carries `input_points` (one point per object), a second decoder
     call prompts each object with its point and `multimask_output=True`, as automatic mask generation does, and adds
     the best-of-3 DiceCE and the IoU-prediction loss (`sam_hf.loss.multimask_loss`) to the box loss. All four mask
@@ -63,8 +68,10 @@ class SamTrainer(Trainer):
         eval_chunk_size (`int`, *optional*, defaults to 64): objects upsampled to full resolution at
             once in evaluation.
         card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
-        iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction loss when batches carry
-            point prompts (`SamTransform(point_prompts=True)`, i.e. `--multimask_training`).
+        iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction losses, of the
+            box-prompted mask and, when batches carry point prompts (`SamTransform(point_prompts=True)`, i.e.
+            `--multimask_training`), of the three multimask candidates. With 0, freeze the IoU head
+            (`freeze_unused_decoder_outputs(model, train_iou_head=False)`).
         **kwargs: all other arguments are those of `transformers.Trainer`.
     """
 
@@ -124,6 +131,10 @@ class SamTrainer(Trainer):
         outputs = self._forward(model, inputs)
         logits = outputs.pred_masks[:, :, 0]
         loss, n_objects = self.loss_fn(logits, labels)
+        if self.iou_loss_weight:
+            # With multimask_output=False the decoder returns the IoU head's prediction for mask token 0, the mask it
+            # outputs: teach it that mask's actual IoU, so that `iou_scores` rank masks by quality.
+            loss = loss + self.iou_loss_weight * iou_prediction_loss(logits, outputs.iou_scores[:, :, 0], labels)
         if multimask:
             image_key = "image_embeddings" if "image_embeddings" in inputs else "pixel_values"
             point_outputs = model(
@@ -135,7 +146,7 @@ class SamTrainer(Trainer):
             mask_loss, iou_loss, _ = multimask_loss(
                 self.loss_fn, point_outputs.pred_masks, point_outputs.iou_scores, labels
             )
-            # All three terms are means over the same objects, so the scaling below applies to their sum.
+            # All terms are means over the same objects, so the scaling below applies to their sum.
             loss = loss + mask_loss + self.iou_loss_weight * iou_loss
         if model.training and not torch.isfinite(loss):
             raise FloatingPointError(

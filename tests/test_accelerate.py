@@ -59,8 +59,14 @@ def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path, mul
         if name.startswith(("vision_encoder.", "prompt_encoder.", "shared_image_embedding.")):
             assert torch.equal(base[name], tuned[name]), f"frozen tensor {name} changed"
     assert any(not torch.equal(base[n], tuned[n]) for n in base if n.startswith("mask_decoder.")), "decoder unchanged"
+    # The IoU head learns in both recipes (by default from the box-prompted mask); the multimask MLPs only with
+    # --multimask_training, and are frozen otherwise so that DDP waits for no gradient that never comes.
     iou_head = [n for n in base if n.startswith("mask_decoder.iou_prediction_head.")]
-    assert any(not torch.equal(base[n], tuned[n]) for n in iou_head) == multimask
+    assert any(not torch.equal(base[n], tuned[n]) for n in iou_head)
+    multimask_mlps = [
+        n for n in base if n.startswith(tuple(f"mask_decoder.output_hypernetworks_mlps.{k}." for k in (1, 2, 3)))
+    ]
+    assert any(not torch.equal(base[n], tuned[n]) for n in multimask_mlps) == multimask
     generator = pipeline("mask-generation", model=str(out), points_per_batch=16)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3)).astype(np.uint8))
     result = generator(image, points_per_crop=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
