@@ -60,7 +60,11 @@ class SamDiceCELoss(torch.nn.Module):
 
 
 def multimask_loss(
-    loss_fn: SamDiceCELoss, logits: torch.Tensor, iou_scores: torch.Tensor, labels: torch.Tensor
+    loss_fn: SamDiceCELoss,
+    logits: torch.Tensor,
+    iou_scores: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Best-of-3 mask loss and IoU-prediction loss for SAM's multimask outputs, as SAM itself was trained.
 
@@ -72,8 +76,12 @@ def multimask_loss(
     Returns:
         `(mask_loss, iou_loss, num_objects)`: the mean over real objects of the lowest of the three candidates'
         DiceCE (only the best candidate gets a gradient), and the mean squared error between each candidate's
-        predicted IoU and its actual IoU with the target (mask logit > 0 against label > 0.5).
+        predicted IoU and its actual IoU with the target (mask logit > 0 against label > 0.5). With
+        `reduction="sum"`, both are sums over the real objects instead (the IoU term of each object being the mean
+        over its three candidates), for callers that normalise by another count.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     if logits.dim() != 5 or logits.shape[:2] != labels.shape[:2] or logits.shape[-2:] != labels.shape[-2:]:
         raise ValueError(
             f"Expected logits (B, K, C, m, m) and labels (B, K, m, m), got {tuple(logits.shape)} and "
@@ -87,7 +95,10 @@ def multimask_loss(
     c = logits.shape[1]
     per = loss_fn.per_object(logits.flatten(0, 1), labels.repeat_interleave(c, 0)).view(-1, c)
     target_iou = actual_iou(logits, labels[:, None].expand_as(logits))
-    return per.min(dim=1).values.mean(), F.mse_loss(scores.float(), target_iou), n
+    mask_loss, iou_loss = per.min(dim=1).values, ((scores.float() - target_iou) ** 2).mean(dim=1)
+    if reduction == "sum":
+        return mask_loss.sum(), iou_loss.sum(), n
+    return mask_loss.mean(), iou_loss.mean(), n
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ __all__ = [
     "config_to_argv",
     "default_output_dir",
     "loss_description",
+    "multimask_stride",
     "parse_args",
     "run_training",
     "write_figures",
@@ -124,12 +125,21 @@ def loss_description(sam_args: SamArguments) -> str:
             f", plus an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g}) between the IoU head's score for "
             "that mask and its actual IoU with the target"
         )
-    if sam_args.multimask_training:
+    every = multimask_stride(sam_args)
+    if every:
+        which = "per object" if every == 1 else f"for every {every}th object of each image (in turn)"
         text += (
-            "; plus, per object prompted with one random interior point and multimask_output=True, the best-of-3 "
+            f"; plus, {which}, prompted with one random interior point and multimask_output=True, the best-of-3 "
             f"DiceCE and an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g}) over the three candidates"
+            + ("" if every == 1 else ", summed over those objects and divided by the number of box-prompted objects")
         )
     return text + "."
+
+
+def multimask_stride(sam_args: SamArguments) -> int:
+    """Every how many objects the multimask point pass prompts: 1 with `--multimask_training`, else
+    `--multimask_every` (0: no point pass)."""
+    return 1 if sam_args.multimask_training else sam_args.multimask_every
 
 
 def write_figures(
@@ -301,8 +311,9 @@ def run_training(
         model_args.model_name_or_path, model_args.model_revision, model_args.token, model_args.cache_dir
     )
     freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
-    if not sam_args.multimask_training:
-        # Box-only single-mask training never reaches the multimask outputs or the IoU head.
+    multimask_every = multimask_stride(sam_args)
+    if not multimask_every:
+        # Box-only single-mask training never reaches the multimask outputs, nor the IoU head without its loss.
         freeze_unused_decoder_outputs(model, train_iou_head=sam_args.iou_loss_weight > 0)
     params = count_parameters(model)
     logger.info("Parameters after freezing: %s", params)
@@ -361,7 +372,7 @@ def run_training(
             max_objects_per_image=sam_args.max_objects_per_image,
             mask_type=data_args.mask_type,
             seed=training_args.seed,
-            point_prompts=sam_args.multimask_training,
+            point_prompts=bool(multimask_every),
         )
     )
     if eval_ds is not None:
@@ -387,7 +398,8 @@ def run_training(
         "trainable_parameters": str(params),
         "loss": loss_description(sam_args),
         "multimask_training": sam_args.multimask_training,
-        "iou_head_trained": sam_args.multimask_training or sam_args.iou_loss_weight > 0,
+        "multimask_every": multimask_every,
+        "iou_head_trained": bool(multimask_every) or sam_args.iou_loss_weight > 0,
         "prompt_recipe": f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training "
         f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
         f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact.",
@@ -411,6 +423,7 @@ def run_training(
         loss_fn=SamDiceCELoss(sam_args.lambda_dice, sam_args.lambda_ce),
         card_info=card_info,
         iou_loss_weight=sam_args.iou_loss_weight,
+        multimask_every=multimask_every or 1,
     )
 
     all_metrics: dict[str, float] = {}

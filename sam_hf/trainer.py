@@ -84,6 +84,7 @@ class SamTrainer(Trainer):
         eval_chunk_size: int = 64,
         card_info: dict | None = None,
         iou_loss_weight: float = 1.0,
+        multimask_every: int = 1,
         **kwargs: Any,
     ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -104,6 +105,9 @@ class SamTrainer(Trainer):
         self.eval_chunk_size = eval_chunk_size
         self.card_info = card_info or {}
         self.iou_loss_weight = iou_loss_weight
+        if multimask_every < 1:
+            raise ValueError(f"multimask_every must be >= 1, got {multimask_every}.")
+        self.multimask_every = multimask_every
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
         if self.train_dataset is not None:
@@ -137,17 +141,29 @@ class SamTrainer(Trainer):
             loss = loss + self.iou_loss_weight * iou_prediction_loss(logits, outputs.iou_scores[:, :, 0], labels)
         if multimask:
             image_key = "image_embeddings" if "image_embeddings" in inputs else "pixel_values"
+            # Every `multimask_every`-th object of each image, starting at an offset that cycles with the step, so
+            # that every object takes its turn; 1 prompts them all.
+            every = self.multimask_every
+            start = self.state.global_step % every
+            if start < labels.shape[1]:
+                chosen, point_labels = slice(start, None, every), labels[:, start::every]
+            else:
+                # No object of this micro-batch has its turn: decode one prompt whose loss is 0, so that every
+                # process still reaches the same parameters (DistributedDataParallel waits for their gradients).
+                chosen, point_labels = slice(0, 1), torch.full_like(labels[:, :1], -100)
             point_outputs = model(
                 **{image_key: inputs[image_key]},
-                input_points=inputs["input_points"],
-                input_labels=inputs["input_labels"],
+                input_points=inputs["input_points"][:, chosen],
+                input_labels=inputs["input_labels"][:, chosen],
                 multimask_output=True,
             )
-            mask_loss, iou_loss, _ = multimask_loss(
-                self.loss_fn, point_outputs.pred_masks, point_outputs.iou_scores, labels
+            mask_sum, iou_sum, _ = multimask_loss(
+                self.loss_fn, point_outputs.pred_masks, point_outputs.iou_scores, point_labels, reduction="sum"
             )
-            # All terms are means over the same objects, so the scaling below applies to their sum.
-            loss = loss + mask_loss + self.iou_loss_weight * iou_loss
+            # A sum over the chosen objects per box-prompted object: the scaling below turns it into a sum over the
+            # chosen objects divided by the objects of the whole accumulation window, which gradient accumulation
+            # does not change. With every object chosen, it is the mean best-of-3 and IoU loss.
+            loss = loss + (mask_sum + self.iou_loss_weight * iou_sum) / max(n_objects, 1)
         if model.training and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Non-finite training loss ({loss.item()}) at step {self.state.global_step}: stopping before a NaN "

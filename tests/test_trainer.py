@@ -32,7 +32,7 @@ def _two_image_dataset() -> datasets.Dataset:
     return index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
 
 
-def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, encoder_calls=None):
+def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, encoder_calls=None, multimask_every=1):
     model = SamModel.from_pretrained(model_dir)
     if encoder_calls is not None:
         model.vision_encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
@@ -41,7 +41,7 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, en
     if not multimask:
         freeze_unused_decoder_outputs(model)
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}{'m' if multimask else ''}"),
+        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}{f'm{multimask_every}' if multimask else ''}"),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -62,6 +62,7 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, en
         train_dataset=train,
         data_collator=SamDataCollator(),
         processing_class=processor.image_processor,
+        multimask_every=multimask_every,
     )
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     trainer.train()
@@ -160,9 +161,6 @@ def test_frozen_modules_bit_identical_and_decoder_changed(trained_run, tiny_mode
     assert any(not torch.equal(base[n], tuned[n]) for n in trained), "the mask decoder did not change"
     iou_head = [n for n in base if "iou_prediction_head" in n]
     assert iou_head and any(not torch.equal(base[n], tuned[n]) for n in iou_head), "the IoU head did not learn"
-    for name in base:
-        if name.startswith(tuple(f"mask_decoder.output_hypernetworks_mlps.{k}." for k in (1, 2, 3))):
-            assert torch.equal(base[name], tuned[name]), f"multimask output {name} changed"
 
 
 def test_from_pretrained_round_trip_and_pipeline(trained_run, tmp_path):
@@ -196,10 +194,11 @@ def test_model_card_parses(trained_run):
     assert "vision_encoder, prompt_encoder" in card.text
     assert f"{metrics['eval_dice']:.4f}" in card.text and f"{metrics['base_eval_dice']:.4f}" in card.text
     assert "DiceCELoss" in card.text and "jittered outward by up to 5 px" in card.text
-    # The card says what was trained: the IoU head on the box-prompted mask, not the multimask outputs.
+    # The card says what was trained: the IoU head on the box-prompted mask, and every 8th object point-prompted.
     loss = next(line for line in card.text.splitlines() if line.startswith("- **Loss:**"))
-    assert "IoU-prediction" in loss and "weight 1" in loss and "best-of-3" not in loss
-    assert "IoU head was trained" in card.text and "three multimask outputs were not trained" in card.text
+    assert "IoU-prediction MSE (weight 1) between the IoU head's score" in loss
+    assert "for every 8th object of each image (in turn" in loss and "best-of-3" in loss
+    assert "IoU head was trained" in card.text and "Every 8th object of each image was also" in card.text
 
 
 def test_yaml_config_and_argument_errors(tmp_path):
@@ -327,3 +326,43 @@ def test_iou_head_learns_by_default(tiny_model_dir, tmp_path):
     assert changed and not frozen_changed
     assert after < before, f"IoU prediction error {before:.3f} -> {after:.3f}"
     assert after < 0.3 * frozen_after, f"error {after:.3f} with the IoU loss, {frozen_after:.3f} without"
+
+
+def test_gradient_accumulation_with_every_other_object_point_prompted(tiny_model_dir, tmp_path):
+    """`multimask_every=2` point-prompts objects 0 and 2 of each image: still batch 2 == batch 1 x accumulation 2,
+    and the point pass counts (the multimask MLPs and the update differ from the box-only step)."""
+    base = {n: p.clone() for n, p in SamModel.from_pretrained(tiny_model_dir).mask_decoder.named_parameters()}
+    big_batch = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True, multimask_every=2)
+    accumulated = _one_step(tiny_model_dir, tmp_path, batch_size=1, accumulation=2, multimask=True, multimask_every=2)
+    every_object = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True)
+    changed = [n for n in base if not torch.equal(base[n], big_batch[n])]
+    assert any(n.startswith(tuple(f"output_hypernetworks_mlps.{k}." for k in (1, 2, 3))) for n in changed)
+    assert any(not torch.allclose(big_batch[n], every_object[n]) for n in changed), "the subset must matter"
+    for n in base:
+        torch.testing.assert_close(big_batch[n], accumulated[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_point_pass_without_a_chosen_object_adds_nothing(tiny_model_dir):
+    """When the cycling offset passes every object of a micro-batch, the point pass still runs (so every process
+    reaches the same parameters) but adds 0 to the loss."""
+    model = SamModel.from_pretrained(tiny_model_dir)
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    freeze_modules(model)
+    data = _two_image_dataset().with_transform(SamTransform(processor, train=True, point_prompts=True, seed=0))
+    batch = SamDataCollator()([data[0]])  # one object
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    trainer = SamTrainer(model=model, args=args, processing_class=processor.image_processor, multimask_every=4)
+    model.train()
+    trainer.state.global_step = 3  # objects 3, 7, ...: none here
+    calls = []
+    model.mask_decoder.register_forward_hook(lambda *_: calls.append(1))
+    loss = trainer.compute_loss(model, batch)
+    assert len(calls) == 2, "the box pass and the (empty) point pass"
+    box_only = trainer.compute_loss(
+        model, {k: v for k, v in batch.items() if k not in ("input_points", "input_labels")}
+    )
+    torch.testing.assert_close(loss, box_only)
+    loss.backward()
+    assert all(p.grad is not None for p in model.mask_decoder.output_hypernetworks_mlps[1].parameters())
+    trainer.state.global_step = 4  # object 0 has its turn
+    assert trainer.compute_loss(model, batch) > box_only + 1e-6
