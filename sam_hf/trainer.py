@@ -51,10 +51,12 @@ class SamTrainer(Trainer):
     squared error between it and that mask's actual IoU with the target (`sam_hf.loss.iou_prediction_loss`), so that
     `iou_scores` keep meaning "expected IoU" while the decoder changes, in training and evaluation loss alike.
 
-    Multimask training: when a training batch also carries `input_points` (one point per object), a second decoder
-    call prompts each object with its point and `multimask_output=True`, as automatic mask generation does, and adds
-    the best-of-3 DiceCE and the IoU-prediction loss (`sam_hf.loss.multimask_loss`) to the box loss. All four mask
-    tokens and the IoU head then learn, so `pipeline("mask-generation")` benefits from the tuning.
+    Multimask point pass: when a training batch also carries `input_points` (one point per object), a second decoder
+    call prompts every `multimask_every`-th object of each image (starting at an offset that cycles with the step)
+    with its point and `multimask_output=True`, as automatic mask generation does, and adds the best-of-3 DiceCE and
+    the IoU-prediction loss (`sam_hf.loss.multimask_loss`) summed over those objects and divided by the box-prompted
+    objects. All four mask tokens and the IoU head then learn, so `pipeline("mask-generation")` keeps working (and
+    benefits) after tuning. `train.py` uses `multimask_every=8` by default and 1 with `--multimask_training`.
 
     Hub token: a `--hub_token` is moved to the `HF_TOKEN` environment variable of this process before the Trainer
     starts, so that it is never pickled into `training_args.bin` (which `push_to_hub` uploads).
@@ -69,9 +71,11 @@ class SamTrainer(Trainer):
             once in evaluation.
         card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
         iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction losses, of the
-            box-prompted mask and, when batches carry point prompts (`SamTransform(point_prompts=True)`, i.e.
-            `--multimask_training`), of the three multimask candidates. With 0, freeze the IoU head
-            (`freeze_unused_decoder_outputs(model, train_iou_head=False)`).
+            box-prompted mask and, when batches carry point prompts (`SamTransform(point_prompts=True)`,
+            the default of `train.py`), of the three multimask candidates. With 0 and no point prompts, freeze the IoU
+            head (`freeze_unused_decoder_outputs(model, train_iou_head=False)`).
+        multimask_every (`int`, *optional*, defaults to 1): with point prompts, point-prompt every this many objects
+            of each image in the multimask pass (1: all of them, `--multimask_training`).
         **kwargs: all other arguments are those of `transformers.Trainer`.
     """
 
