@@ -108,8 +108,25 @@ class SamArguments:
             "IoU-prediction loss. Makes pipeline('mask-generation') benefit from tuning; costs a second decoder pass."
         },
     )
+    multimask_every: int = field(
+        default=8,
+        metadata={
+            "help": "Also prompt every N-th sampled object of each image (a different one at each step) with one "
+            "random interior point in a second decoder pass with multimask_output=True, adding its best-of-3 DiceCE "
+            "and IoU-prediction loss (summed over those objects and divided by all box-prompted ones: about 1/N of "
+            "the weight --multimask_training gives them). It keeps the three multimask outputs and their IoU "
+            "predictions, which pipeline('mask-generation') uses, working while the shared decoder layers tune, for "
+            "about 1/N of a decoder pass. 0 turns it off (box prompts only; the multimask outputs are frozen). "
+            "--multimask_training prompts every object."
+        },
+    )
     iou_loss_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the IoU-prediction (MSE) loss with --multimask_training."}
+        default=1.0,
+        metadata={
+            "help": "Weight of the IoU-prediction (MSE) loss: the IoU head learns the actual IoU of the box-prompted "
+            "mask (and, with --multimask_training, of the three point-prompted candidates). 0 turns it off and "
+            "freezes the IoU head, as sam_hf did before."
+        },
     )
     lambda_dice: float = field(default=1.0, metadata={"help": "Weight of the Dice term of DiceCE."})
     lambda_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term of DiceCE."})
@@ -157,6 +174,8 @@ class SamArguments:
             raise ValueError("--cache_embeddings needs --freeze_vision_encoder: a trained encoder changes embeddings.")
         if self.embedding_dtype not in ("float16", "float32"):
             raise ValueError(f"--embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}.")
+        if self.multimask_every < 0:
+            raise ValueError(f"--multimask_every must be >= 0 (0 turns it off), got {self.multimask_every}.")
         if self.iou_loss_weight < 0:
             raise ValueError(f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}.")
         if self.box_jitter < 0:

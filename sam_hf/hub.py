@@ -184,6 +184,8 @@ def _render_full_card(trainer: Any, info: dict[str, Any]) -> ModelCard:
         num_eval_objects=after.get("num_objects") or before.get("num_objects"),
         box_baseline=_fmt(info.get("box_baseline_dice")),
         multimask_training=bool(info.get("multimask_training")),
+        multimask_every=info.get("multimask_every") or 0,
+        iou_head_trained=bool(info.get("iou_head_trained", getattr(trainer, "iou_loss_weight", 0) > 0)),
         figures=[name for name, _ in FIGURES if (Path(args.output_dir) / name).is_file()],
         figure_captions=dict(FIGURES),
     )

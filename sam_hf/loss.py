@@ -8,7 +8,7 @@ from monai.losses import DiceCELoss, DiceLoss
 
 from .metrics import object_stats
 
-__all__ = ["SamDiceCELoss", "multimask_loss"]
+__all__ = ["SamDiceCELoss", "actual_iou", "iou_prediction_loss", "multimask_loss"]
 
 
 class SamDiceCELoss(torch.nn.Module):
@@ -60,7 +60,11 @@ class SamDiceCELoss(torch.nn.Module):
 
 
 def multimask_loss(
-    loss_fn: SamDiceCELoss, logits: torch.Tensor, iou_scores: torch.Tensor, labels: torch.Tensor
+    loss_fn: SamDiceCELoss,
+    logits: torch.Tensor,
+    iou_scores: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Best-of-3 mask loss and IoU-prediction loss for SAM's multimask outputs, as SAM itself was trained.
 
@@ -72,8 +76,12 @@ def multimask_loss(
     Returns:
         `(mask_loss, iou_loss, num_objects)`: the mean over real objects of the lowest of the three candidates'
         DiceCE (only the best candidate gets a gradient), and the mean squared error between each candidate's
-        predicted IoU and its actual IoU with the target (mask logit > 0 against label > 0.5).
+        predicted IoU and its actual IoU with the target (mask logit > 0 against label > 0.5). With
+        `reduction="sum"`, both are sums over the real objects instead (the IoU term of each object being the mean
+        over its three candidates), for callers that normalise by another count.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
     if logits.dim() != 5 or logits.shape[:2] != labels.shape[:2] or logits.shape[-2:] != labels.shape[-2:]:
         raise ValueError(
             f"Expected logits (B, K, C, m, m) and labels (B, K, m, m), got {tuple(logits.shape)} and "
@@ -86,9 +94,44 @@ def multimask_loss(
     logits, scores, labels = logits[valid], iou_scores[valid], labels[valid]  # (n, C, m, m), (n, C), (n, m, m)
     c = logits.shape[1]
     per = loss_fn.per_object(logits.flatten(0, 1), labels.repeat_interleave(c, 0)).view(-1, c)
-    with torch.no_grad():
-        pred, target = logits > 0, (labels > 0.5)[:, None].expand_as(logits)
-        inter, pred_area, gt_area = object_stats(pred.flatten(0, 1), target.flatten(0, 1)).view(-1, c, 3).unbind(-1)
-        union = pred_area + gt_area - inter
-        actual_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).float()
-    return per.min(dim=1).values.mean(), F.mse_loss(scores.float(), actual_iou), n
+    target_iou = actual_iou(logits, labels[:, None].expand_as(logits))
+    mask_loss, iou_loss = per.min(dim=1).values, ((scores.float() - target_iou) ** 2).mean(dim=1)
+    if reduction == "sum":
+        return mask_loss.sum(), iou_loss.sum(), n
+    return mask_loss.mean(), iou_loss.mean(), n
+
+
+@torch.no_grad()
+def actual_iou(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """IoU of each predicted mask (logit > 0) with its target (label > 0.5), float32 and without gradient.
+
+    `logits` and `labels` have the same shape `(..., m, m)`; the result has the leading shape. An empty prediction
+    of an empty target counts as a perfect match (IoU 1).
+    """
+    lead = logits.shape[:-2]
+    pred, target = (logits > 0).flatten(0, -3), (labels > 0.5).flatten(0, -3)
+    inter, pred_area, gt_area = object_stats(pred, target).unbind(-1)
+    union = pred_area + gt_area - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).float().view(lead)
+
+
+def iou_prediction_loss(logits: torch.Tensor, iou_scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the IoU head's prediction for each object's mask and that mask's actual IoU with
+    the target, over the real objects: the IoU term of `multimask_loss` for single-mask output.
+
+    Shapes:
+        - `logits`: `(B, K, m, m)` mask logits (`multimask_output=False`, `pred_masks[:, :, 0]`).
+        - `iou_scores`: `(B, K)` the IoU head's predictions for those masks (`iou_scores[:, :, 0]`).
+        - `labels`: `(B, K, m, m)` targets; padded objects are `-100`.
+
+    The target IoU carries no gradient: only the IoU head (and the layers under the IoU token) learn from this term.
+    """
+    if logits.dim() != 4 or logits.shape != labels.shape or iou_scores.shape != logits.shape[:2]:
+        raise ValueError(
+            f"Expected logits and labels (B, K, m, m) and iou_scores (B, K), got {tuple(logits.shape)}, "
+            f"{tuple(labels.shape)} and {tuple(iou_scores.shape)}."
+        )
+    valid = labels[:, :, 0, 0] != -100
+    if not valid.any():
+        return iou_scores.sum() * 0.0
+    return F.mse_loss(iou_scores[valid].float(), actual_iou(logits[valid], labels[valid]))

@@ -231,14 +231,16 @@ def check_processor_matches_model(processor: SamProcessor, config: SamConfig) ->
         raise ValueError("The processor does not match the model config: " + "; ".join(problems))
 
 
-def freeze_unused_decoder_outputs(model: SamModel) -> None:
-    """Freeze the decoder parts that single-mask box training never reaches: the IoU head and the hypernetwork MLPs
-    of the three multimask tokens.
+def freeze_unused_decoder_outputs(model: SamModel, train_iou_head: bool = True) -> None:
+    """Freeze the decoder parts that single-mask box training never reaches: the hypernetwork MLPs of the three
+    multimask tokens, and the IoU head unless it is trained on the single-mask output (`train_iou_head`, the default:
+    `SamTrainer` adds an IoU-prediction loss unless `iou_loss_weight` is 0).
 
-    With `multimask_output=False` they get no gradient; left trainable they would make DistributedDataParallel wait
-    for gradients that never come. Freezing them also keeps them bit-identical to the base model.
+    With `multimask_output=False` the multimask MLPs get no gradient; left trainable they would make
+    DistributedDataParallel wait for gradients that never come. Freezing them also keeps them bit-identical to the
+    base model.
     """
     decoder = model.mask_decoder
-    decoder.iou_prediction_head.requires_grad_(False)
+    decoder.iou_prediction_head.requires_grad_(train_iou_head)
     for mlp in decoder.output_hypernetworks_mlps[1:]:
         mlp.requires_grad_(False)

@@ -42,6 +42,8 @@ __all__ = [
     "default_dataloader_num_workers",
     "default_output_dir",
     "evaluate_command",
+    "loss_description",
+    "multimask_stride",
     "parse_args",
     "run_training",
     "training_summary",
@@ -143,6 +145,34 @@ def box_baseline_dice(dataset: datasets.Dataset) -> float:
     areas = np.concatenate([np.asarray(a, np.float64) for a in dataset["areas"]])
     box_areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
     return float(np.mean(2 * areas / (areas + box_areas)))
+
+
+def loss_description(sam_args: SamArguments) -> str:
+    """What the training loss is, in words, for the model card."""
+    text = (
+        f"MONAI DiceCELoss(sigmoid=True), lambda_dice={sam_args.lambda_dice}, lambda_ce={sam_args.lambda_ce}, on the "
+        "low-resolution mask logits of the box prompts with multimask_output=False"
+    )
+    if sam_args.iou_loss_weight > 0:
+        text += (
+            f", plus an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g}) between the IoU head's score for "
+            "that mask and its actual IoU with the target"
+        )
+    every = multimask_stride(sam_args)
+    if every:
+        which = "per object" if every == 1 else f"for every {every}th object of each image (in turn)"
+        text += (
+            f"; plus, {which}, prompted with one random interior point and multimask_output=True, the best-of-3 "
+            f"DiceCE and an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g}) over the three candidates"
+            + ("" if every == 1 else ", summed over those objects and divided by the number of box-prompted objects")
+        )
+    return text + "."
+
+
+def multimask_stride(sam_args: SamArguments) -> int:
+    """Every how many objects the multimask point pass prompts: 1 with `--multimask_training`, else
+    `--multimask_every` (0: no point pass)."""
+    return 1 if sam_args.multimask_training else sam_args.multimask_every
 
 
 def write_figures(
@@ -419,9 +449,10 @@ def run_training(
         model_args.model_name_or_path, model_args.model_revision, model_args.token, model_args.cache_dir
     )
     freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
-    if not sam_args.multimask_training:
-        # Box-only single-mask training never reaches the multimask outputs or the IoU head.
-        freeze_unused_decoder_outputs(model)
+    multimask_every = multimask_stride(sam_args)
+    if not multimask_every:
+        # Box-only single-mask training never reaches the multimask outputs, nor the IoU head without its loss.
+        freeze_unused_decoder_outputs(model, train_iou_head=sam_args.iou_loss_weight > 0)
     params = count_parameters(model)
     logger.info("Parameters after freezing: %s", params)
 
@@ -482,7 +513,7 @@ def run_training(
         max_objects_per_image=sam_args.max_objects_per_image,
         mask_type=data_args.mask_type,
         seed=training_args.seed,
-        point_prompts=sam_args.multimask_training,
+        point_prompts=bool(multimask_every),
     )
     if isinstance(train_ds, datasets.IterableDataset):
         # Rows are transformed as they stream in (in the dataloader workers), batched like with_transform.
@@ -510,15 +541,10 @@ def run_training(
         "dataset_name": data_args.dataset_name,
         "frozen_modules": frozen,
         "trainable_parameters": str(params),
-        "loss": f"MONAI DiceCELoss(sigmoid=True), lambda_dice={sam_args.lambda_dice}, lambda_ce={sam_args.lambda_ce}, "
-        "on the low-resolution mask logits with multimask_output=False"
-        + (
-            f"; plus, per object prompted with one random interior point and multimask_output=True, the best-of-3 "
-            f"DiceCE and an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g})."
-            if sam_args.multimask_training
-            else "."
-        ),
+        "loss": loss_description(sam_args),
         "multimask_training": sam_args.multimask_training,
+        "multimask_every": multimask_every,
+        "iou_head_trained": bool(multimask_every) or sam_args.iou_loss_weight > 0,
         "prompt_recipe": f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training "
         f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
         f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact.",
@@ -545,6 +571,7 @@ def run_training(
         loss_fn=SamDiceCELoss(sam_args.lambda_dice, sam_args.lambda_ce),
         card_info=card_info,
         iou_loss_weight=sam_args.iou_loss_weight,
+        multimask_every=multimask_every or 1,
     )
 
     if isinstance(train_ds, datasets.IterableDataset):

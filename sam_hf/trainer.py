@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .loss import SamDiceCELoss, multimask_loss
+from .loss import SamDiceCELoss, iou_prediction_loss, multimask_loss
 from .metrics import object_stats
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,17 @@ class SamTrainer(Trainer):
     `num_items_in_batch` (it counts label pixels that are not -100; every object has `m * m` of them). Batch 2 with
     accumulation 1 therefore gives the same update as batch 1 with accumulation 2, and `loss_is_scaled_for_ga` is set.
 
-    Multimask training: when a training batch also carries `input_points` (one point per object), a second decoder
-    call prompts each object with its point and `multimask_output=True`, as automatic mask generation does, and adds
-    the best-of-3 DiceCE and the IoU-prediction loss (`sam_hf.loss.multimask_loss`) to the box loss. All four mask
-    tokens and the IoU head then learn, so `pipeline("mask-generation")` benefits from the tuning.
+    IoU prediction: with `multimask_output=False` the model's `iou_scores[:, :, 0]` is the IoU head's prediction for
+    the mask it returns (mask token 0). Unless `iou_loss_weight` is 0, the loss adds `iou_loss_weight` times the mean
+    squared error between it and that mask's actual IoU with the target (`sam_hf.loss.iou_prediction_loss`), so that
+    `iou_scores` keep meaning "expected IoU" while the decoder changes, in training and evaluation loss alike.
+
+    Multimask point pass: when a training batch also carries `input_points` (one point per object), a second decoder
+    call prompts every `multimask_every`-th object of each image (starting at an offset that cycles with the step)
+    with its point and `multimask_output=True`, as automatic mask generation does, and adds the best-of-3 DiceCE and
+    the IoU-prediction loss (`sam_hf.loss.multimask_loss`) summed over those objects and divided by the box-prompted
+    objects. All four mask tokens and the IoU head then learn, so `pipeline("mask-generation")` keeps working (and
+    benefits) after tuning. `train.py` uses `multimask_every=8` by default and 1 with `--multimask_training`.
 
     Hub token: a `--hub_token` is moved to the `HF_TOKEN` environment variable of this process before the Trainer
     starts, so that it is never pickled into `training_args.bin` (which `push_to_hub` uploads).
@@ -87,8 +94,12 @@ class SamTrainer(Trainer):
         eval_chunk_size (`int`, *optional*, defaults to 64): objects upsampled to full resolution at
             once in evaluation.
         card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
-        iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction loss when batches carry
-            point prompts (`SamTransform(point_prompts=True)`, i.e. `--multimask_training`).
+        iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction losses, of the
+            box-prompted mask and, when batches carry point prompts (`SamTransform(point_prompts=True)`,
+            the default of `train.py`), of the three multimask candidates. With 0 and no point prompts, freeze the IoU
+            head (`freeze_unused_decoder_outputs(model, train_iou_head=False)`).
+        multimask_every (`int`, *optional*, defaults to 1): with point prompts, point-prompt every this many objects
+            of each image in the multimask pass (1: all of them, `--multimask_training`).
         **kwargs: all other arguments are those of `transformers.Trainer`.
     """
 
@@ -101,6 +112,7 @@ class SamTrainer(Trainer):
         eval_chunk_size: int = 64,
         card_info: dict | None = None,
         iou_loss_weight: float = 1.0,
+        multimask_every: int = 1,
         **kwargs: Any,
     ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -121,6 +133,9 @@ class SamTrainer(Trainer):
         self.eval_chunk_size = eval_chunk_size
         self.card_info = card_info or {}
         self.iou_loss_weight = iou_loss_weight
+        if multimask_every < 1:
+            raise ValueError(f"multimask_every must be >= 1, got {multimask_every}.")
+        self.multimask_every = multimask_every
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
         self.add_callback(FiniteGradientCallback())
@@ -145,19 +160,35 @@ class SamTrainer(Trainer):
         outputs = self._forward(model, inputs)
         logits = outputs.pred_masks[:, :, 0]
         loss, n_objects = self.loss_fn(logits, labels)
+        if self.iou_loss_weight:
+            # With multimask_output=False the decoder returns the IoU head's prediction for mask token 0, the mask it
+            # outputs: teach it that mask's actual IoU, so that `iou_scores` rank masks by quality.
+            loss = loss + self.iou_loss_weight * iou_prediction_loss(logits, outputs.iou_scores[:, :, 0], labels)
         if multimask:
             image_key = "image_embeddings" if "image_embeddings" in inputs else "pixel_values"
+            # Every `multimask_every`-th object of each image, starting at an offset that cycles with the step, so
+            # that every object takes its turn; 1 prompts them all.
+            every = self.multimask_every
+            start = self.state.global_step % every
+            if start < labels.shape[1]:
+                chosen, point_labels = slice(start, None, every), labels[:, start::every]
+            else:
+                # No object of this micro-batch has its turn: decode one prompt whose loss is 0, so that every
+                # process still reaches the same parameters (DistributedDataParallel waits for their gradients).
+                chosen, point_labels = slice(0, 1), torch.full_like(labels[:, :1], -100)
             point_outputs = model(
                 **{image_key: inputs[image_key]},
-                input_points=inputs["input_points"],
-                input_labels=inputs["input_labels"],
+                input_points=inputs["input_points"][:, chosen],
+                input_labels=inputs["input_labels"][:, chosen],
                 multimask_output=True,
             )
-            mask_loss, iou_loss, _ = multimask_loss(
-                self.loss_fn, point_outputs.pred_masks, point_outputs.iou_scores, labels
+            mask_sum, iou_sum, _ = multimask_loss(
+                self.loss_fn, point_outputs.pred_masks, point_outputs.iou_scores, point_labels, reduction="sum"
             )
-            # All three terms are means over the same objects, so the scaling below applies to their sum.
-            loss = loss + mask_loss + self.iou_loss_weight * iou_loss
+            # A sum over the chosen objects per box-prompted object: the scaling below turns it into a sum over the
+            # chosen objects divided by the objects of the whole accumulation window, which gradient accumulation
+            # does not change. With every object chosen, it is the mean best-of-3 and IoU loss.
+            loss = loss + (mask_sum + self.iou_loss_weight * iou_sum) / max(n_objects, 1)
         if model.training and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Non-finite training loss ({loss.item()}) at step {self.state.global_step}: stopping before a NaN "

@@ -152,7 +152,7 @@ def build(config_name: str, seed: int, device: torch.device) -> tuple[SamModel, 
         processor = SamProcessor(image_processor=SamImageProcessor())
     model = SamModel(config).to(device)
     freeze_modules(model)
-    freeze_unused_decoder_outputs(model)
+    freeze_unused_decoder_outputs(model, train_iou_head=False)  # every loop trains the same parameters
     return model, processor
 
 
@@ -256,6 +256,7 @@ def sam_hf_epochs(model, processor, train: datasets.Dataset, args, work: str, ep
         data_collator=SamDataCollator(),
         processing_class=processor.image_processor,
         callbacks=[timer],
+        iou_loss_weight=0.0,  # the naive loops' loss: DiceCE on the box-prompted mask
     )
     trainer.train()
     return timer

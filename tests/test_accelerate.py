@@ -18,9 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("multimask", [False, True], ids=["box", "multimask"])
-def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path, multimask):
-    """With --multimask_training every decoder parameter takes part, so DDP needs no unused-parameter search."""
+@pytest.mark.parametrize(
+    "recipe", [["--multimask_every", "0"], [], ["--multimask_training"]], ids=["box-only", "default", "multimask"]
+)
+def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path, recipe):
+    """DDP runs without an unused-parameter search: with a point pass (by default and with --multimask_training) every
+    decoder parameter takes part; box-only (--multimask_every 0), the multimask MLPs are frozen."""
     from transformers import SamModel, pipeline
 
     out = tmp_path / "ddp"
@@ -40,7 +43,7 @@ def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path, mul
         *["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir)],
         *["--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache")],
         *train_args.split(),
-        *(["--multimask_training"] if multimask else []),
+        *recipe,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -59,8 +62,14 @@ def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path, mul
         if name.startswith(("vision_encoder.", "prompt_encoder.", "shared_image_embedding.")):
             assert torch.equal(base[name], tuned[name]), f"frozen tensor {name} changed"
     assert any(not torch.equal(base[n], tuned[n]) for n in base if n.startswith("mask_decoder.")), "decoder unchanged"
+    # The IoU head learns in every recipe (at least from the box-prompted mask); the multimask MLPs only with a point
+    # pass, and are frozen otherwise so that DDP waits for no gradient that never comes.
     iou_head = [n for n in base if n.startswith("mask_decoder.iou_prediction_head.")]
-    assert any(not torch.equal(base[n], tuned[n]) for n in iou_head) == multimask
+    assert any(not torch.equal(base[n], tuned[n]) for n in iou_head)
+    multimask_mlps = [
+        n for n in base if n.startswith(tuple(f"mask_decoder.output_hypernetworks_mlps.{k}." for k in (1, 2, 3)))
+    ]
+    assert any(not torch.equal(base[n], tuned[n]) for n in multimask_mlps) == (recipe != ["--multimask_every", "0"])
     generator = pipeline("mask-generation", model=str(out), points_per_batch=16)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3)).astype(np.uint8))
     result = generator(image, points_per_crop=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from sam_hf import SamDiceCELoss
-from sam_hf.loss import multimask_loss
+from sam_hf.loss import iou_prediction_loss, multimask_loss
 from sam_hf.metrics import compute_metrics, object_stats, scores_from_stats
 
 
@@ -93,3 +93,27 @@ def test_compute_metrics_ignores_padding():
     assert m["num_objects"] == 3
     assert m["dice"] == pytest.approx((0.6 + 1.0 + 0.5) / 3)
     assert m["iou"] == pytest.approx((3 / 7 + 1.0 + 1 / 3) / 3)
+
+
+def test_iou_prediction_loss_of_the_single_mask_output():
+    """MSE between the predicted and the actual IoU of each real object's mask; padded objects do not count, and
+    only the predictions get a gradient."""
+    labels = torch.full((1, 3, 4, 4), -100.0)
+    labels[0, :2] = 0.0
+    labels[0, 0, :2, :2] = 1.0  # 4 pixels
+    labels[0, 1, :, :1] = 1.0  # 4 pixels
+    logits = torch.full((1, 3, 4, 4), -5.0, requires_grad=True)
+    with torch.no_grad():
+        logits[0, 0, :2, :] = 5.0  # 8 pixels, 4 of them right: IoU 0.5
+        logits[0, 1, :, :1] = 5.0  # exact: IoU 1
+    scores = torch.tensor([[0.7, 0.6, 0.9]], requires_grad=True)
+    loss = iou_prediction_loss(logits, scores, labels)
+    torch.testing.assert_close(loss, torch.tensor(((0.7 - 0.5) ** 2 + (0.6 - 1.0) ** 2) / 2))
+    loss.backward()
+    assert logits.grad is None or not logits.grad.any()
+    torch.testing.assert_close(scores.grad, torch.tensor([[0.2, -0.4, 0.0]]))
+    # The same as multimask_loss's IoU term for one candidate.
+    _, mm_iou, _ = multimask_loss(SamDiceCELoss(), logits[:, :, None], scores[..., None], labels)
+    torch.testing.assert_close(mm_iou, loss)
+    # No real object: zero, still connected to the predictions.
+    assert iou_prediction_loss(logits, scores, torch.full_like(labels, -100.0)).item() == 0.0

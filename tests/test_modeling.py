@@ -45,17 +45,22 @@ def test_fresh_tiny_encoder_sees_the_image():
     assert 1.5 < std < 3.5
 
 
-def test_freezing_counts():
+@pytest.mark.parametrize("train_iou_head", [True, False])
+def test_freezing_counts(train_iou_head):
+    """Default box training: the whole mask decoder but the three multimask hypernetwork MLPs trains, the IoU head
+    included; `train_iou_head=False` (`--iou_loss_weight 0`) freezes the IoU head too."""
     model = SamModel(tiny_sam_config())
     total = count_parameters(model).total
     freeze_modules(model)
-    freeze_unused_decoder_outputs(model)
+    freeze_unused_decoder_outputs(model, train_iou_head=train_iou_head)
     counts = count_parameters(model)
     decoder = model.mask_decoder
-    frozen_in_decoder = sum(p.numel() for p in decoder.iou_prediction_head.parameters()) + sum(
-        p.numel() for m in decoder.output_hypernetworks_mlps[1:] for p in m.parameters()
-    )
+    frozen_in_decoder = sum(p.numel() for m in decoder.output_hypernetworks_mlps[1:] for p in m.parameters())
+    if not train_iou_head:
+        frozen_in_decoder += sum(p.numel() for p in decoder.iou_prediction_head.parameters())
     expected = sum(p.numel() for p in decoder.parameters()) - frozen_in_decoder
     assert counts.total == total and counts.trainable == expected
+    assert all(p.requires_grad == train_iou_head for p in decoder.iou_prediction_head.parameters())
+    assert all(p.requires_grad for p in decoder.output_hypernetworks_mlps[0].parameters())
     assert not any(p.requires_grad for p in model.vision_encoder.parameters())
     assert not any(p.requires_grad for p in model.prompt_encoder.parameters())

@@ -32,7 +32,7 @@ def _two_image_dataset() -> datasets.Dataset:
     return index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
 
 
-def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, encoder_calls=None):
+def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, encoder_calls=None, multimask_every=1):
     model = SamModel.from_pretrained(model_dir)
     if encoder_calls is not None:
         model.vision_encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
@@ -41,7 +41,7 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, en
     if not multimask:
         freeze_unused_decoder_outputs(model)
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}{'m' if multimask else ''}"),
+        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}{f'm{multimask_every}' if multimask else ''}"),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -62,6 +62,7 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, en
         train_dataset=train,
         data_collator=SamDataCollator(),
         processing_class=processor.image_processor,
+        multimask_every=multimask_every,
     )
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     trainer.train()
@@ -70,8 +71,9 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, en
     return {n: p.detach().cpu().clone() for n, p in model.mask_decoder.named_parameters()}
 
 
-def _reference_step(model_dir, per_image: bool):
-    """One SGD step computed by hand: mean over all objects (correct) or mean of per-image means (the GA bug)."""
+def _reference_step(model_dir, per_image: bool, iou_term: bool = True):
+    """One SGD step computed by hand: mean over all objects (correct) or mean of per-image means (the GA bug), of
+    DiceCE plus (with `iou_term`) the squared error of the IoU head's prediction for the output mask."""
     model = SamModel.from_pretrained(model_dir)
     processor = SamProcessor.from_pretrained(model_dir)
     freeze_modules(model)
@@ -82,7 +84,14 @@ def _reference_step(model_dir, per_image: bool):
     for i in range(2):
         ex = ds[i]
         out = model(pixel_values=ex["pixel_values"][None], input_boxes=ex["input_boxes"][None], multimask_output=False)
-        loss, n = loss_fn(out.pred_masks[:, :, 0], ex["labels"][None])
+        logits, labels = out.pred_masks[0, :, 0], ex["labels"]
+        loss, n = loss_fn(logits[None], labels[None])
+        if iou_term:
+            # Computed independently of sam_hf.loss: IoU of (logit > 0) with (label > 0.5), per object.
+            pred, target = logits > 0, labels > 0.5
+            inter = (pred & target).flatten(1).sum(1).float()
+            union = (pred | target).flatten(1).sum(1).float()
+            loss = loss + ((out.iou_scores[0, :, 0] - inter / union) ** 2).mean()
         losses.append(loss)
         counts.append(n)
     if per_image:
@@ -92,7 +101,7 @@ def _reference_step(model_dir, per_image: bool):
     total.backward()
     with torch.no_grad():
         for p in model.parameters():
-            if p.requires_grad:
+            if p.grad is not None:
                 p -= 0.5 * p.grad
     return {n: p.detach().clone() for n, p in model.mask_decoder.named_parameters()}
 
@@ -103,10 +112,14 @@ def test_gradient_accumulation_equivalence(tiny_model_dir, tmp_path):
     accumulated = _one_step(tiny_model_dir, tmp_path, batch_size=1, accumulation=2)
     reference = _reference_step(tiny_model_dir, per_image=False)
     wrong = _reference_step(tiny_model_dir, per_image=True)
+    without_iou = _reference_step(tiny_model_dir, per_image=False, iou_term=False)
     changed = [n for n in base if not torch.equal(base[n], big_batch[n])]
     assert changed, "the step must change the decoder"
+    assert any(n.startswith("iou_prediction_head.") for n in changed), "the IoU head must learn by default"
     gap = max((reference[n] - wrong[n]).abs().max().item() for n in changed)
     assert gap > 1e-4, "the test data must tell the right normalisation from the per-image one"
+    gap = max((reference[n] - without_iou[n]).abs().max().item() for n in changed)
+    assert gap > 1e-4, "the IoU-prediction term must count in the step"
     for n in base:
         torch.testing.assert_close(big_batch[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
         torch.testing.assert_close(accumulated[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -146,9 +159,8 @@ def test_frozen_modules_bit_identical_and_decoder_changed(trained_run, tiny_mode
             assert torch.equal(base[name], tuned[name]), f"frozen tensor {name} changed"
     trained = [n for n in base if n.startswith("mask_decoder.transformer.") or "output_upscaling" in n]
     assert any(not torch.equal(base[n], tuned[n]) for n in trained), "the mask decoder did not change"
-    for name in base:
-        if "iou_prediction_head" in name:
-            assert torch.equal(base[name], tuned[name])
+    iou_head = [n for n in base if "iou_prediction_head" in n]
+    assert iou_head and any(not torch.equal(base[n], tuned[n]) for n in iou_head), "the IoU head did not learn"
 
 
 def test_from_pretrained_round_trip_and_pipeline(trained_run, tmp_path):
@@ -182,6 +194,11 @@ def test_model_card_parses(trained_run):
     assert "vision_encoder, prompt_encoder" in card.text
     assert f"{metrics['eval_dice']:.4f}" in card.text and f"{metrics['base_eval_dice']:.4f}" in card.text
     assert "DiceCELoss" in card.text and "jittered outward by up to 5 px" in card.text
+    # The card says what was trained: the IoU head on the box-prompted mask, and every 8th object point-prompted.
+    loss = next(line for line in card.text.splitlines() if line.startswith("- **Loss:**"))
+    assert "IoU-prediction MSE (weight 1) between the IoU head's score" in loss
+    assert "for every 8th object of each image (in turn" in loss and "best-of-3" in loss
+    assert "IoU head was trained" in card.text and "Every 8th object of each image was also" in card.text
 
 
 def test_yaml_config_and_argument_errors(tmp_path):
@@ -228,16 +245,124 @@ def test_gradient_accumulation_with_multimask_training(tiny_model_dir, tmp_path)
     accumulated = _one_step(tiny_model_dir, tmp_path, batch_size=1, accumulation=2, multimask=True)
     box_only = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1)
     # The IoU head learns from every candidate; a multimask token's hypernetwork only when its mask was the best of 3.
-    for part in (
-        "iou_prediction_head.",
-        "output_hypernetworks_mlps.1.",
-        "output_hypernetworks_mlps.2.",
-        "output_hypernetworks_mlps.3.",
-    ):
+    # Without multimask training, the IoU head still learns (from the single-mask output) but the multimask MLPs not.
+    for part in ("output_hypernetworks_mlps.1.", "output_hypernetworks_mlps.2.", "output_hypernetworks_mlps.3."):
         names = [n for n in base if n.startswith(part)]
         assert all(torch.equal(base[n], box_only[n]) for n in names), f"{part} changed without multimask training"
+    assert any(not torch.equal(base[n], box_only[n]) for n in base if n.startswith("iou_prediction_head."))
     changed = [n for n in base if not torch.equal(base[n], big_batch[n])]
     assert any(n.startswith("iou_prediction_head.") for n in changed), "the IoU head did not learn"
     assert any(n.startswith(tuple(f"output_hypernetworks_mlps.{k}." for k in (1, 2, 3))) for n in changed)
     for n in base:
         torch.testing.assert_close(big_batch[n], accumulated[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _iou_error(model, examples) -> float:
+    """Mean |predicted IoU - actual IoU| of the single-mask output over the objects of `examples` (exact boxes)."""
+    errors = []
+    with torch.no_grad():
+        for ex in examples:
+            out = model(
+                pixel_values=ex["pixel_values"][None], input_boxes=ex["input_boxes"][None], multimask_output=False
+            )
+            pred, target = out.pred_masks[0, :, 0] > 0, ex["labels"] > 0.5
+            actual = (pred & target).flatten(1).sum(1) / (pred | target).flatten(1).sum(1).clamp(min=1)
+            errors.append((out.iou_scores[0, :, 0] - actual).abs())
+    return torch.cat(errors).mean().item()
+
+
+def _train_few_steps(model_dir, tmp_path, iou_loss_weight: float) -> tuple[float, float, list[str]]:
+    """20 steps on both images with exact boxes: IoU-prediction error before and after, and the IoU head tensors that
+    changed. With `iou_loss_weight=0` the head is frozen, as box-only training used to do."""
+    model = SamModel.from_pretrained(model_dir)
+    processor = SamProcessor.from_pretrained(model_dir)
+    freeze_modules(model)
+    freeze_unused_decoder_outputs(model, train_iou_head=iou_loss_weight > 0)
+    data = _two_image_dataset()
+    examples = [data.with_transform(SamTransform(processor, train=False))[i] for i in range(2)]
+    before = _iou_error(model.eval(), examples)
+    head = {n: p.detach().clone() for n, p in model.mask_decoder.iou_prediction_head.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"iou{iou_loss_weight:g}"),
+        per_device_train_batch_size=2,
+        max_steps=20,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        use_cpu=True,
+    )
+    trainer = SamTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.with_transform(SamTransform(processor, train=True, box_jitter=0, seed=0)),
+        data_collator=SamDataCollator(),
+        processing_class=processor.image_processor,
+        iou_loss_weight=iou_loss_weight,
+    )
+    trainer.train()
+    after = _iou_error(model.eval(), examples)
+    changed = [n for n, p in model.mask_decoder.iou_prediction_head.named_parameters() if not torch.equal(head[n], p)]
+    return before, after, changed
+
+
+def test_iou_head_learns_by_default(tiny_model_dir, tmp_path):
+    """Default (box-only) training teaches the IoU head the quality of the mask it outputs.
+
+    The masks improve a lot in 20 steps (mean IoU about 0.1 -> 0.5 here), so the IoU head must follow them: a head
+    frozen as before predicts about 0 and its error grows with the masks' IoU.
+    """
+    model = SamModel.from_pretrained(tiny_model_dir)
+    freeze_modules(model)
+    freeze_unused_decoder_outputs(model)
+    trainable = {n for n, p in model.mask_decoder.named_parameters() if p.requires_grad}
+    assert any(n.startswith("iou_prediction_head.") for n in trainable), "the IoU head must be trainable by default"
+    multimask = tuple(f"output_hypernetworks_mlps.{k}." for k in (1, 2, 3))
+    assert not any(n.startswith(multimask) for n in trainable), "single-mask training never reaches these"
+
+    before, after, changed = _train_few_steps(tiny_model_dir, tmp_path, iou_loss_weight=1.0)
+    _, frozen_after, frozen_changed = _train_few_steps(tiny_model_dir, tmp_path, iou_loss_weight=0.0)
+    assert changed and not frozen_changed
+    assert after < before, f"IoU prediction error {before:.3f} -> {after:.3f}"
+    assert after < 0.3 * frozen_after, f"error {after:.3f} with the IoU loss, {frozen_after:.3f} without"
+
+
+def test_gradient_accumulation_with_every_other_object_point_prompted(tiny_model_dir, tmp_path):
+    """`multimask_every=2` point-prompts objects 0 and 2 of each image: still batch 2 == batch 1 x accumulation 2,
+    and the point pass counts (the multimask MLPs and the update differ from the box-only step)."""
+    base = {n: p.clone() for n, p in SamModel.from_pretrained(tiny_model_dir).mask_decoder.named_parameters()}
+    big_batch = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True, multimask_every=2)
+    accumulated = _one_step(tiny_model_dir, tmp_path, batch_size=1, accumulation=2, multimask=True, multimask_every=2)
+    every_object = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True)
+    changed = [n for n in base if not torch.equal(base[n], big_batch[n])]
+    assert any(n.startswith(tuple(f"output_hypernetworks_mlps.{k}." for k in (1, 2, 3))) for n in changed)
+    assert any(not torch.allclose(big_batch[n], every_object[n]) for n in changed), "the subset must matter"
+    for n in base:
+        torch.testing.assert_close(big_batch[n], accumulated[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_point_pass_without_a_chosen_object_adds_nothing(tiny_model_dir):
+    """When the cycling offset passes every object of a micro-batch, the point pass still runs (so every process
+    reaches the same parameters) but adds 0 to the loss."""
+    model = SamModel.from_pretrained(tiny_model_dir)
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    freeze_modules(model)
+    data = _two_image_dataset().with_transform(SamTransform(processor, train=True, point_prompts=True, seed=0))
+    batch = SamDataCollator()([data[0]])  # one object
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    trainer = SamTrainer(model=model, args=args, processing_class=processor.image_processor, multimask_every=4)
+    model.train()
+    trainer.state.global_step = 3  # objects 3, 7, ...: none here
+    calls = []
+    model.mask_decoder.register_forward_hook(lambda *_: calls.append(1))
+    loss = trainer.compute_loss(model, batch)
+    assert len(calls) == 2, "the box pass and the (empty) point pass"
+    box_only = trainer.compute_loss(
+        model, {k: v for k, v in batch.items() if k not in ("input_points", "input_labels")}
+    )
+    torch.testing.assert_close(loss, box_only)
+    loss.backward()
+    assert all(p.grad is not None for p in model.mask_decoder.output_hypernetworks_mlps[1].parameters())
+    trainer.state.global_step = 4  # object 0 has its turn
+    assert trainer.compute_loss(model, batch) > box_only + 1e-6
