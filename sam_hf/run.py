@@ -23,6 +23,7 @@ from .cache import EmbeddingCacheError, add_image_embeddings, quarantine, verify
 from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, index_objects, load_source, split_source
 from .hub import FIGURES, check_hub_access
+from .lora import add_lora_adapters, lora_card_info
 from .loss import SamDiceCELoss
 from .metrics import compute_metrics
 from .modeling import count_parameters, freeze_modules, freeze_unused_decoder_outputs, load_model_and_processor
@@ -308,6 +309,11 @@ def run_training(
     if not sam_args.multimask_training:
         # Box-only single-mask training never reaches the multimask outputs or the IoU head.
         freeze_unused_decoder_outputs(model)
+    if sam_args.lora_rank:
+        model = add_lora_adapters(
+            model, sam_args.lora_rank, sam_args.lora_alpha, sam_args.lora_dropout, sam_args.lora_target_modules
+        )
+        logger.info("LoRA adapters train the image encoder: no embedding cache, the encoder runs at every step.")
     params = count_parameters(model)
     logger.info("Parameters after freezing: %s", params)
 
@@ -387,7 +393,11 @@ def run_training(
         if Path(model_args.model_name_or_path).exists()
         else model_args.model_name_or_path,
         "dataset_name": data_args.dataset_name,
-        "frozen_modules": frozen,
+        "frozen_modules": [
+            f"{n} (base weights; LoRA adapters trained)" if n == "vision_encoder" and sam_args.lora_rank else n
+            for n in frozen
+        ],
+        "lora": lora_card_info(model, sam_args.lora_merge) if sam_args.lora_rank else None,
         "trainable_parameters": str(params),
         "loss": f"MONAI DiceCELoss(sigmoid=True), lambda_dice={sam_args.lambda_dice}, lambda_ce={sam_args.lambda_ce}, "
         "on the low-resolution mask logits with multimask_output=False"
@@ -424,6 +434,7 @@ def run_training(
         loss_fn=SamDiceCELoss(sam_args.lambda_dice, sam_args.lambda_ce),
         card_info=card_info,
         iou_loss_weight=sam_args.iou_loss_weight,
+        lora_merge=sam_args.lora_merge,
     )
 
     all_metrics: dict[str, float] = {}
