@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import SamModel, SamProcessor
 
 peft = pytest.importorskip("peft")
@@ -24,7 +24,8 @@ from sam_hf.run import parse_args, run_training  # noqa: E402
 ARGS = (
     "--lora_rank 4 --max_steps 4 --per_device_train_batch_size 2 --learning_rate 1e-3 --max_train_samples 6 "
     "--max_eval_samples 2 --max_objects_per_image 4 --box_jitter 5 --eval_strategy steps --eval_steps 2 "
-    "--save_strategy steps --save_steps 2 --logging_steps 1 --report_to none --seed 3"
+    "--save_strategy steps --save_steps 2 --load_best_model_at_end --metric_for_best_model dice --logging_steps 1 "
+    "--report_to none --seed 3"
 )
 # Merged weights against adapter + base: the same sums in another order (W x + s B A x against (W + s B A) x).
 ATOL, RTOL = 1e-5, 1e-4
@@ -134,18 +135,29 @@ def test_only_adapters_and_decoder_get_gradients(tiny_model_dir, nuclei_dir):
     assert all(".vision_encoder." in n for n in lora)
 
 
+def _resume(straight, tmp_path, name, model_dir, nuclei_dir, tamper=False):
+    out = tmp_path / name
+    shutil.copytree(straight / "checkpoint-2", out / "checkpoint-2")
+    if tamper:
+        # Proves the adapter is read from the checkpoint: the same seed alone would reproduce the straight run.
+        path = out / "checkpoint-2" / "adapter_model.safetensors"
+        save_file({k: v * 2 if "lora_B" in k else v for k, v in load_file(path).items()}, path)
+    argv = _argv(model_dir, nuclei_dir, out, "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    run_training(*parse_args(argv + ["--eval_before_training", "false"]))
+    return out
+
+
 def test_resume_from_checkpoint_matches_straight_run(lora_run, tiny_model_dir, nuclei_dir, tmp_path):
     straight, _ = lora_run
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    argv = _argv(tiny_model_dir, nuclei_dir, resumed, "--resume_from_checkpoint", str(resumed / "checkpoint-2"))
-    run_training(*parse_args(argv + ["--eval_before_training", "false"]))
+    resumed = _resume(straight, tmp_path, "resumed", tiny_model_dir, nuclei_dir)
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = load_file(straight / name), load_file(resumed / name)
         assert a.keys() == b.keys()
         different = [n for n in a if not torch.equal(a[n], b[n])]
         assert not different, f"{name}: {len(different)} tensors differ after resume, e.g. {different[:3]}"
+    tampered = _resume(straight, tmp_path, "tampered", tiny_model_dir, nuclei_dir, tamper=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(tampered / "model.safetensors")
+    assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith("qkv.weight"))
 
 
 def test_lora_merge_false_keeps_only_the_adapter(lora_run, tiny_model_dir, nuclei_dir, tmp_path):
