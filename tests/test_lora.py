@@ -252,3 +252,42 @@ def test_prompt_encoder_trained_with_adapters_stays_tied(tiny_model_dir):
     shared = merged.shared_image_embedding.positional_embedding
     assert merged.prompt_encoder.shared_embedding.positional_embedding is shared
     torch.testing.assert_close(_outputs(merged), _outputs(model), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_with_lora(tiny_model_dir, nuclei_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) and --lora_rank 4: DDP finds a gradient for every trainable
+    parameter without an unused-parameter search, no embedding cache is built, and the outputs load."""
+    out = tmp_path / "ddp"
+    launch = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no"
+    train_args = (
+        "--lora_rank 4 --max_steps 3 --per_device_train_batch_size 2 --learning_rate 1e-3 --max_objects_per_image 4 "
+        "--max_train_samples 8 --max_eval_samples 2 --eval_strategy no --save_strategy steps --save_steps 2 "
+        "--report_to none --logging_steps 1 --dataloader_num_workers 0 --eval_before_training false --use_cpu "
+        "--log_level info --log_level_replica info"
+    )
+    cmd = [
+        sys.executable,
+        *launch.split(),
+        "--dynamo_backend",
+        "no",
+        str(REPO / "scripts" / "train.py"),
+        *["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir)],
+        *["--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache")],
+        *train_args.split(),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    assert "`world_size`: 2" in (out / "README.md").read_text(), "the run must have used two processes"
+    assert log.count("no embedding cache, the encoder runs at every step") == 2
+    assert not list((tmp_path / "cache").glob("*.arrow")), "no cache with adapters"
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    merged = SamModel.from_pretrained(out)
+    adapted = peft.PeftModel.from_pretrained(SamModel.from_pretrained(tiny_model_dir), out / "adapter")
+    torch.testing.assert_close(_outputs(merged), _outputs(adapted), atol=ATOL, rtol=RTOL)
+    base, tuned = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(base[n], tuned[n]) for n in base if n.endswith("qkv.weight")), "adapters unchanged"
+    frozen = [n for n in base if n.startswith(("prompt_encoder.", "vision_encoder.neck."))]
+    assert frozen and all(torch.equal(base[n], tuned[n]) for n in frozen)
