@@ -313,7 +313,7 @@ def run_training(
         model = add_lora_adapters(
             model, sam_args.lora_rank, sam_args.lora_alpha, sam_args.lora_dropout, sam_args.lora_target_modules
         )
-        logger.info("LoRA adapters train the image encoder: no embedding cache, the encoder runs at every step.")
+        logger.warning("LoRA adapters train the image encoder: no embedding cache, the encoder runs at every step.")
     params = count_parameters(model)
     logger.info("Parameters after freezing: %s", params)
 
