@@ -49,7 +49,11 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, SamArguments, TrainingArgumen
 # step number, so an old run's later checkpoint would outlive the new run's), metrics (all_results.json is merged,
 # not replaced), the log history and the figures (the card embeds those it finds). --overwrite_output_dir removes them;
 # the model, processor and card files are overwritten by the new run.
-PREVIOUS_RUN_FILES = (re.compile(r"^\S*_results\.json$"), re.compile(r"^trainer_state\.json$"))
+PREVIOUS_RUN_FILES = (
+    re.compile(r"^\S*_results\.json$"),
+    re.compile(r"^trainer_state\.json$"),
+    re.compile(r"^adapter$"),  # a --lora_rank run's adapter folder
+)
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
 
 

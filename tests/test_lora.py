@@ -291,3 +291,16 @@ def test_two_process_accelerate_launch_with_lora(tiny_model_dir, nuclei_dir, tmp
     assert any(not torch.equal(base[n], tuned[n]) for n in base if n.endswith("qkv.weight")), "adapters unchanged"
     frozen = [n for n in base if n.startswith(("prompt_encoder.", "vision_encoder.neck."))]
     assert frozen and all(torch.equal(base[n], tuned[n]) for n in frozen)
+
+
+def test_overwrite_output_dir_removes_a_previous_adapter(tmp_path):
+    from transformers import TrainingArguments
+
+    from sam_hf.run import check_output_dir
+
+    out = tmp_path / "used"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    (out / "notes.txt").write_text("kept")
+    check_output_dir(TrainingArguments(output_dir=str(out), report_to="none"), overwrite_output_dir=True)
+    assert not (out / "adapter").exists() and (out / "notes.txt").is_file()
