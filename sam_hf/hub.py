@@ -184,7 +184,7 @@ def _render_full_card(trainer: Any, info: dict[str, Any]) -> ModelCard:
         num_eval_objects=after.get("num_objects") or before.get("num_objects"),
         box_baseline=_fmt(info.get("box_baseline_dice")),
         multimask_training=bool(info.get("multimask_training")),
-        lora=info.get("lora"),
         figures=[name for name, _ in FIGURES if (Path(args.output_dir) / name).is_file()],
         figure_captions=dict(FIGURES),
+        lora=info.get("lora"),
     )

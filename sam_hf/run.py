@@ -313,13 +313,15 @@ def run_training(
     if not sam_args.multimask_training:
         # Box-only single-mask training never reaches the multimask outputs or the IoU head.
         freeze_unused_decoder_outputs(model)
+    params = count_parameters(model)
+    logger.info("Parameters after freezing: %s", params)
     if sam_args.lora_rank:
         model = add_lora_adapters(
             model, sam_args.lora_rank, sam_args.lora_alpha, sam_args.lora_dropout, sam_args.lora_target_modules
         )
         logger.warning("LoRA adapters train the image encoder: no embedding cache, the encoder runs at every step.")
-    params = count_parameters(model)
-    logger.info("Parameters after freezing: %s", params)
+        params = count_parameters(model)
+        logger.info("Parameters with the LoRA adapters: %s", params)
 
     with training_args.main_process_first(desc="dataset preprocessing"):
         source = load_source(

@@ -62,12 +62,12 @@ class SamTrainer(Trainer):
         loss_fn (`SamDiceCELoss`, *optional*): the loss; defaults to equal Dice and CE weights.
         eval_chunk_size (`int`, *optional*, defaults to 64): objects upsampled to full resolution at
             once in evaluation.
-        card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
-        iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction loss when batches carry
-            point prompts (`SamTransform(point_prompts=True)`, i.e. `--multimask_training`).
         lora_merge (`bool`, *optional*, defaults to True): for a peft model (`--lora_rank`), the final save writes
             the adapter to `<output_dir>/adapter` and, when True, the merged plain checkpoint to `<output_dir>`
             (`sam_hf.lora.save_lora_model`); checkpoints during training hold the adapter, as Trainer resumes them.
+        card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
+        iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction loss when batches carry
+            point prompts (`SamTransform(point_prompts=True)`, i.e. `--multimask_training`).
         **kwargs: all other arguments are those of `transformers.Trainer`.
     """
 
