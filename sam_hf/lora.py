@@ -267,6 +267,8 @@ def save_lora_model(peft_model: torch.nn.Module, output_dir: str | os.PathLike, 
     out = Path(output_dir)
     adapter_dir = out / ADAPTER_DIR
     peft_model.save_pretrained(adapter_dir)
+    # peft writes an empty template card beside the adapter; the run's card in output_dir describes the adapter.
+    (adapter_dir / "README.md").unlink(missing_ok=True)
     written = [adapter_dir]
     if merge:
         merged_model(peft_model).save_pretrained(out)

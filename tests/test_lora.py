@@ -59,7 +59,7 @@ def test_output_layout_card_and_counts(lora_run):
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "eval_results.json"):
         assert (out / name).is_file(), name
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "adapter" / "README.md").exists()
     # Without an adapter_config.json beside it, transformers loads the merged weights as a plain checkpoint.
     assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
     # Checkpoints hold the adapter, which Trainer resumes from and which peft loads.
