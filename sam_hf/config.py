@@ -154,6 +154,34 @@ class SamArguments:
     embedding_cache_dir: str | None = field(
         default=None, metadata={"help": "Where embedding caches live; defaults to <datasets cache>/sam_hf/embeddings."}
     )
+    lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train LoRA adapters of this rank on the frozen image encoder (off by default: 0 or none). The "
+            "mask decoder still trains in full, the prompt encoder follows --freeze_prompt_encoder, and the embedding "
+            "cache is off (the encoder's output changes as it learns). Needs peft: pip install 'sam_hf[lora]'."
+        },
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank. Defaults to the rank."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the frozen linear layers that get adapters, matched as peft matches them (the dotted "
+            "module name or its end). Default for SAM: qkv, the fused q/k/v projection of every image-encoder "
+            "attention block (sam_hf.lora.LORA_TARGET_MODULES, per model type)."
+        },
+    )
+    lora_merge: bool = field(
+        default=True,
+        metadata={
+            "help": "With --lora_rank, also write the adapters merged into a plain SamModel checkpoint in "
+            "--output_dir (loadable without peft). The adapter itself always goes to <output_dir>/adapter; with "
+            "false only the adapter (and its base model reference) is kept."
+        },
+    )
     eval_before_training: bool = field(
         default=True, metadata={"help": "Evaluate the base model first, so the card can report before and after."}
     )
@@ -168,6 +196,7 @@ class SamArguments:
     )
 
     def __post_init__(self) -> None:
+        self._check_lora()
         if self.cache_embeddings is None:
             self.cache_embeddings = self.freeze_vision_encoder
         if self.cache_embeddings and not self.freeze_vision_encoder:
@@ -187,3 +216,36 @@ class SamArguments:
                 f"--lambda_dice and --lambda_ce must be >= 0 and not both 0, got {self.lambda_dice} and "
                 f"{self.lambda_ce}."
             )
+
+    def _check_lora(self) -> None:
+        """LoRA flags: valid values, peft installed, and no embedding cache (the encoder learns)."""
+        if not self.lora_rank:
+            given = [f"--{n}" for n in ("lora_alpha", "lora_target_modules") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} configure LoRA adapters, which need --lora_rank >= 1.")
+            return
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora_rank must be >= 1 (or 0 for no adapters), got {self.lora_rank}.")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"--lora_alpha must be > 0, got {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if not self.freeze_vision_encoder:
+            raise ValueError(
+                "--lora_rank adds adapters to the frozen image encoder, and --freeze_vision_encoder false trains it "
+                "in full; pass only one of them."
+            )
+        if self.cache_embeddings:
+            raise ValueError(
+                "--cache_embeddings true cannot be combined with --lora_rank: the LoRA adapters train the image "
+                "encoder, so its embeddings change at every step and cannot be cached. Drop --cache_embeddings (with "
+                "--lora_rank it defaults to off), or drop --lora_rank to train the decoder from cached embeddings."
+            )
+        from .lora import INSTALL_HINT, peft_available
+
+        if not peft_available():
+            raise ImportError(
+                f"--lora_rank needs the peft package, which is not installed: run `{INSTALL_HINT}` (or "
+                "`pip install 'peft>=0.13'`), or train without --lora_rank."
+            )
+        self.cache_embeddings = False

@@ -188,4 +188,5 @@ def _render_full_card(trainer: Any, info: dict[str, Any]) -> ModelCard:
         iou_head_trained=bool(info.get("iou_head_trained", getattr(trainer, "iou_loss_weight", 0) > 0)),
         figures=[name for name, _ in FIGURES if (Path(args.output_dir) / name).is_file()],
         figure_captions=dict(FIGURES),
+        lora=info.get("lora"),
     )

@@ -138,8 +138,12 @@ class ParameterCount:
 
 
 def count_parameters(model: torch.nn.Module) -> ParameterCount:
-    """Trainable and total parameter counts, each shared tensor counted once."""
-    params = {id(p): p for p in model.parameters()}.values()
+    """Trainable and total parameter counts, each shared tensor counted once.
+
+    For a peft model the LoRA adapters count, and the frozen originals that peft keeps beside its trained copies of
+    `modules_to_save` do not: the total is the model's size plus the adapters'.
+    """
+    params = {id(p): p for n, p in model.named_parameters() if ".original_module." not in n}.values()
     return ParameterCount(
         trainable=sum(p.numel() for p in params if p.requires_grad), total=sum(p.numel() for p in params)
     )

@@ -25,6 +25,7 @@ from .cache import EmbeddingCacheError, add_image_embeddings, quarantine, verify
 from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, index_objects, load_source, split_source
 from .hub import FIGURES, check_hub_access
+from .lora import add_lora_adapters, lora_card_info
 from .loss import SamDiceCELoss
 from .metrics import compute_metrics
 from .modeling import count_parameters, freeze_modules, freeze_unused_decoder_outputs, load_model_and_processor
@@ -56,7 +57,11 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, SamArguments, TrainingArgumen
 # step number, so an old run's later checkpoint would outlive the new run's), metrics (all_results.json is merged,
 # not replaced), the log history and the figures (the card embeds those it finds). --overwrite_output_dir removes them;
 # the model, processor and card files are overwritten by the new run.
-PREVIOUS_RUN_FILES = (re.compile(r"^\S*_results\.json$"), re.compile(r"^trainer_state\.json$"))
+PREVIOUS_RUN_FILES = (
+    re.compile(r"^\S*_results\.json$"),
+    re.compile(r"^trainer_state\.json$"),
+    re.compile(r"^adapter$"),  # a --lora_rank run's adapter folder
+)
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
 
 
@@ -455,6 +460,13 @@ def run_training(
         freeze_unused_decoder_outputs(model, train_iou_head=sam_args.iou_loss_weight > 0)
     params = count_parameters(model)
     logger.info("Parameters after freezing: %s", params)
+    if sam_args.lora_rank:
+        model = add_lora_adapters(
+            model, sam_args.lora_rank, sam_args.lora_alpha, sam_args.lora_dropout, sam_args.lora_target_modules
+        )
+        logger.warning("LoRA adapters train the image encoder: no embedding cache, the encoder runs at every step.")
+        params = count_parameters(model)
+        logger.info("Parameters with the LoRA adapters: %s", params)
 
     with training_args.main_process_first(desc="dataset preprocessing"):
         source = load_source(
@@ -539,7 +551,11 @@ def run_training(
         if Path(model_args.model_name_or_path).exists()
         else model_args.model_name_or_path,
         "dataset_name": data_args.dataset_name,
-        "frozen_modules": frozen,
+        "frozen_modules": [
+            f"{n} (base weights; LoRA adapters trained)" if n == "vision_encoder" and sam_args.lora_rank else n
+            for n in frozen
+        ],
+        "lora": lora_card_info(model, sam_args.lora_merge) if sam_args.lora_rank else None,
         "trainable_parameters": str(params),
         "loss": loss_description(sam_args),
         "multimask_training": sam_args.multimask_training,
@@ -572,6 +588,7 @@ def run_training(
         card_info=card_info,
         iou_loss_weight=sam_args.iou_loss_weight,
         multimask_every=multimask_every or 1,
+        lora_merge=sam_args.lora_merge,
     )
 
     if isinstance(train_ds, datasets.IterableDataset):

@@ -93,6 +93,9 @@ class SamTrainer(Trainer):
         loss_fn (`SamDiceCELoss`, *optional*): the loss; defaults to equal Dice and CE weights.
         eval_chunk_size (`int`, *optional*, defaults to 64): objects upsampled to full resolution at
             once in evaluation.
+        lora_merge (`bool`, *optional*, defaults to True): for a peft model (`--lora_rank`), the final save writes
+            the adapter to `<output_dir>/adapter` and, when True, the merged plain checkpoint to `<output_dir>`
+            (`sam_hf.lora.save_lora_model`); checkpoints during training hold the adapter, as Trainer resumes them.
         card_info (`dict`, *optional*): extra facts for the model card (see `sam_hf.hub.render_model_card`).
         iou_loss_weight (`float`, *optional*, defaults to 1.0): weight of the IoU-prediction losses, of the
             box-prompted mask and, when batches carry point prompts (`SamTransform(point_prompts=True)`,
@@ -113,6 +116,7 @@ class SamTrainer(Trainer):
         card_info: dict | None = None,
         iou_loss_weight: float = 1.0,
         multimask_every: int = 1,
+        lora_merge: bool = True,
         **kwargs: Any,
     ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -136,6 +140,7 @@ class SamTrainer(Trainer):
         if multimask_every < 1:
             raise ValueError(f"multimask_every must be >= 1, got {multimask_every}.")
         self.multimask_every = multimask_every
+        self.lora_merge = lora_merge
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
         self.add_callback(FiniteGradientCallback())
@@ -244,3 +249,19 @@ class SamTrainer(Trainer):
 
         card = render_model_card(self, **{**self.card_info, **kwargs})
         card.save(f"{self.args.output_dir}/README.md")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The final save of a LoRA run writes the adapter to `adapter/` and the merged checkpoint beside it."""
+        from .lora import is_lora_model, save_lora_model
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_lora_model(model) or os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_lora_model(model, output_dir, merge=self.lora_merge)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
