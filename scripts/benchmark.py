@@ -66,7 +66,14 @@ from sam_hf import (
     tiny_sam_processor,
 )
 from sam_hf.cache import add_image_embeddings, default_embedding_batch_size
-from sam_hf.data import index_objects, load_source, resized_shape
+from sam_hf.data import (
+    index_objects,
+    load_source,
+    mask_to_instances,
+    object_labels,
+    resize_and_pad_masks,
+    resized_shape,
+)
 from sam_hf.modeling import freeze_unused_decoder_outputs
 
 VIT_H = {
@@ -515,6 +522,29 @@ def transform(args, ds) -> None:
         results[f"{name}_ms_per_row"] = round((time.perf_counter() - start) / len(train) * 1000, 2)
         print(f"{f'cached transform, {name}, ms per row':<52}{results[f'{name}_ms_per_row']:>14}")
     results["speedup"] = round(results["array3d_python_ms_per_row"] / results["array_bytes_ms_per_row"], 1)
+    # Labels of the sampled objects, the two ways, on the same rows and objects.
+    ip = processor.image_processor
+    edge, pad = ip.mask_size["longest_edge"], ip.mask_pad_size["height"]
+    rows = []
+    for row in ds:
+        instances = mask_to_instances(row["label"])
+        k = min(args.max_objects_per_image, len(row["boxes"]))
+        rows.append((instances, np.asarray(row["boxes"], np.float32)[:k], np.arange(1, k + 1)))
+    for name, labels in (
+        ("labels_in_boxes", lambda inst, boxes, ids: object_labels(inst, boxes, ids, edge, pad)),
+        (
+            "labels_full_frame",
+            lambda inst, boxes, ids: resize_and_pad_masks(
+                torch.from_numpy(inst)[None] == torch.from_numpy(ids)[:, None, None], edge, pad
+            ),
+        ),
+    ):
+        labels(*rows[0])
+        start = time.perf_counter()
+        for row in rows:
+            labels(*row)
+        results[f"{name}_ms_per_row"] = round((time.perf_counter() - start) / len(rows) * 1000, 2)
+        print(f"{f'{name}, ms per row':<52}{results[f'{name}_ms_per_row']:>14}")
     print(json.dumps(results))
 
 
