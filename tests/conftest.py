@@ -14,6 +14,29 @@ REPO = Path(__file__).resolve().parent.parent
 NUCLEI = REPO / "data" / "nuclei_demo"
 
 
+def launch_two_processes(model_dir, dataset_dir, out, cache_dir, train_args: str, *extra: str) -> str:
+    """Run scripts/train.py under `accelerate launch` with 2 CPU processes (gloo); returns the log, asserts success."""
+    import subprocess
+    import sys
+
+    launch = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no"
+    cmd = [
+        sys.executable,
+        *launch.split(),
+        "--dynamo_backend",
+        "no",
+        str(REPO / "scripts" / "train.py"),
+        *["--model_name_or_path", str(model_dir), "--dataset_name", str(dataset_dir)],
+        *["--output_dir", str(out), "--embedding_cache_dir", str(cache_dir)],
+        *train_args.split(),
+        *extra,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

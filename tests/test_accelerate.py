@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import launch_two_processes
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -27,32 +25,17 @@ def test_two_process_accelerate_launch(tiny_model_dir, nuclei_dir, tmp_path, rec
     from transformers import SamModel, pipeline
 
     out = tmp_path / "ddp"
-    launch = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no"
     train_args = (
         "--max_steps 4 --per_device_train_batch_size 2 --gradient_accumulation_steps 2 --learning_rate 1e-3 "
         "--max_objects_per_image 8 --max_eval_samples 4 --eval_strategy no --save_strategy no --report_to none "
         "--logging_steps 1 --dataloader_num_workers 0 --eval_before_training false --use_cpu "
         "--log_level info --log_level_replica info"
     )
-    cmd = [
-        sys.executable,
-        *launch.split(),
-        "--dynamo_backend",
-        "no",
-        str(REPO / "scripts" / "train.py"),
-        *["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir)],
-        *["--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache")],
-        *train_args.split(),
-        *recipe,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = launch_two_processes(tiny_model_dir, nuclei_dir, out, tmp_path / "cache", train_args, *recipe)
     assert "`world_size`: 2" in (out / "README.md").read_text(), "the run must have used two processes"
     # The embedding cache is built once, by the main process (one file for train, one for eval), and rank 1 reads it.
     caches = [p for p in (tmp_path / "cache").glob("*.arrow") if len(p.stem) == 32]
     assert len(caches) == 2
-    log = proc.stdout + proc.stderr
     assert len(re.findall(r"cached \d+ image embeddings in", log)) == 2, "built more than once"
     assert log.count("reusing cached image embeddings") == 2, "rank 1 did not read the main process's cache"
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, launch_two_processes
 from safetensors.torch import load_file, save_file
 from transformers import SamModel, SamProcessor
 
@@ -259,27 +259,13 @@ def test_two_process_accelerate_launch_with_lora(tiny_model_dir, nuclei_dir, tmp
     """`accelerate launch` with 2 CPU processes (gloo) and --lora_rank 4: DDP finds a gradient for every trainable
     parameter without an unused-parameter search, no embedding cache is built, and the outputs load."""
     out = tmp_path / "ddp"
-    launch = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no"
     train_args = (
         "--lora_rank 4 --max_steps 3 --per_device_train_batch_size 2 --learning_rate 1e-3 --max_objects_per_image 4 "
         "--max_train_samples 8 --max_eval_samples 2 --eval_strategy no --save_strategy steps --save_steps 2 "
         "--report_to none --logging_steps 1 --dataloader_num_workers 0 --eval_before_training false --use_cpu "
         "--log_level info --log_level_replica info"
     )
-    cmd = [
-        sys.executable,
-        *launch.split(),
-        "--dynamo_backend",
-        "no",
-        str(REPO / "scripts" / "train.py"),
-        *["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir)],
-        *["--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache")],
-        *train_args.split(),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    log = proc.stdout + proc.stderr
+    log = launch_two_processes(tiny_model_dir, nuclei_dir, out, tmp_path / "cache", train_args)
     assert "`world_size`: 2" in (out / "README.md").read_text(), "the run must have used two processes"
     assert log.count("no embedding cache, the encoder runs at every step") == 2
     assert not list((tmp_path / "cache").glob("*.arrow")), "no cache with adapters"
