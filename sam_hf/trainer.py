@@ -155,6 +155,7 @@ class SamTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         multimask = "input_points" in inputs and model.training
+        point_image, hook = None, None  # point_image: what the point-prompted call gets instead of pixel_values
         if multimask and "pixel_values" in inputs:
             vision = self.accelerator.unwrap_model(model).vision_encoder
             if not any(p.requires_grad for p in vision.parameters()):
@@ -162,7 +163,18 @@ class SamTrainer(Trainer):
                 with torch.no_grad():
                     embeddings = self.accelerator.unwrap_model(model).get_image_embeddings(inputs["pixel_values"])
                 inputs = {k: v for k, v in inputs.items() if k != "pixel_values"} | {"image_embeddings": embeddings}
-        outputs = self._forward(model, inputs)
+            else:
+                # A learning encoder (LoRA, unfrozen): keep the embeddings of the first call, through the (possibly
+                # distributed) model, and give them to the second, so the encoder runs once and both losses reach it.
+                captured: list[torch.Tensor] = []
+                hook = vision.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+        try:
+            outputs = self._forward(model, inputs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if hook is not None:
+            point_image = {"image_embeddings": captured[-1]}
         logits = outputs.pred_masks[:, :, 0]
         loss, n_objects = self.loss_fn(logits, labels)
         if self.iou_loss_weight:
@@ -182,7 +194,7 @@ class SamTrainer(Trainer):
                 # process still reaches the same parameters (DistributedDataParallel waits for their gradients).
                 chosen, point_labels = slice(0, 1), torch.full_like(labels[:, :1], -100)
             point_outputs = model(
-                **{image_key: inputs[image_key]},
+                **(point_image or {image_key: inputs[image_key]}),
                 input_points=inputs["input_points"][:, chosen],
                 input_labels=inputs["input_labels"][:, chosen],
                 multimask_output=True,

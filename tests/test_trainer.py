@@ -366,3 +366,46 @@ def test_point_pass_without_a_chosen_object_adds_nothing(tiny_model_dir):
     assert all(p.grad is not None for p in model.mask_decoder.output_hypernetworks_mlps[1].parameters())
     trainer.state.global_step = 4  # object 0 has its turn
     assert trainer.compute_loss(model, batch) > box_only + 1e-6
+
+
+def test_learning_encoder_runs_once_for_both_decoder_calls(tiny_model_dir, tmp_path):
+    """With a trainable encoder and a point pass, the encoder runs once per step and both losses reach it: the
+    gradients equal those of two full forwards (one per decoder call)."""
+    from sam_hf.loss import iou_prediction_loss, multimask_loss
+
+    model = SamModel.from_pretrained(tiny_model_dir)
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    freeze_modules(model, freeze_vision_encoder=False)
+    args = TrainingArguments(output_dir=str(tmp_path / "enc"), report_to="none", use_cpu=True, save_strategy="no")
+    train = _two_image_dataset().with_transform(SamTransform(processor, train=True, point_prompts=True, seed=0))
+    trainer = SamTrainer(
+        model=model, args=args, train_dataset=train, data_collator=SamDataCollator(), multimask_every=1
+    )
+    batch = SamDataCollator()([train[0], train[1]])
+    calls = []
+    handle = model.vision_encoder.register_forward_hook(lambda *_: calls.append(1))
+    model.train()
+    trainer.compute_loss(model, batch).backward()
+    handle.remove()
+    assert len(calls) == 1, "the learning encoder must run once for both decoder calls"
+    shared = {n: p.grad.clone() for n, p in model.vision_encoder.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    # The same loss with the encoder run once per decoder call.
+    loss_fn = SamDiceCELoss()
+    box = model(pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"], multimask_output=False)
+    logits = box.pred_masks[:, :, 0]
+    loss, n_objects = loss_fn(logits, batch["labels"])
+    loss = loss + iou_prediction_loss(logits, box.iou_scores[:, :, 0], batch["labels"])
+    points = model(
+        pixel_values=batch["pixel_values"],
+        input_points=batch["input_points"],
+        input_labels=batch["input_labels"],
+        multimask_output=True,
+    )
+    mask_sum, iou_sum, _ = multimask_loss(loss_fn, points.pred_masks, points.iou_scores, batch["labels"], "sum")
+    (loss + (mask_sum + iou_sum) / n_objects).backward()
+    reference = {n: p.grad for n, p in model.vision_encoder.named_parameters() if p.grad is not None}
+    assert shared.keys() == reference.keys() and shared
+    for name in reference:
+        torch.testing.assert_close(shared[name], reference[name], rtol=1e-4, atol=1e-7, msg=name)
