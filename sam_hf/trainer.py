@@ -49,7 +49,7 @@ class FiniteGradientCallback(TrainerCallback):
         if args.fp16 or model is None:
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)):
             bad = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
             raise FloatingPointError(
                 f"Non-finite gradients at step {state.global_step} in {len(bad)} parameter(s), e.g. {bad[:3]}: "
