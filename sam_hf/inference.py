@@ -234,6 +234,7 @@ class SamPredictor:
         points: Any = None,
         point_labels: Any = None,
         multimask_output: bool = False,
+        mask_input: Any = None,
     ) -> SamPrediction:
         """Masks for each prompt at the original resolution.
 
@@ -243,13 +244,26 @@ class SamPredictor:
             point_labels: `(N, P)`, 1 positive / 0 negative; defaults to all positive.
             multimask_output (`bool`, *optional*, defaults to `False`): return SAM's three candidate masks per prompt
                 with their predicted IoU, as the original `SamPredictor` does; `SamPrediction.best()` picks one.
+            mask_input: `(h, w)` low-resolution mask logits of an earlier prediction of the same object (one of
+                `SamPrediction.logits[i]`), for one prompt: the interactive correction step, where a negative or
+                positive click is added and the previous mask is fed back.
 
         With both boxes and points, prompt `i` is box `i` together with point set `i`.
+
+        Example (a box, then a correction click):
+
+        ```python
+        >>> first = predictor.predict(boxes=[[10, 10, 60, 60]])
+        >>> fixed = predictor.predict(
+        ...     boxes=[[10, 10, 60, 60]], points=[[[30, 50]]], point_labels=[[0]], mask_input=first.logits[0, 0]
+        ... )
+        ```
         """
         if self.image_embeddings is None:
             raise RuntimeError("Call `set_image(image)` before `predict(...)`.")
         boxes, points, labels = validate_prompts(self.original_size, boxes, points, point_labels)
         n = len(boxes) if boxes is not None else len(points)
+        dense = self._mask_prompt(mask_input, n)
         image_processor = self.processor.image_processor
         masks, scores, logits = [], [], []
         for start in range(0, n, self.chunk_size):
@@ -260,6 +274,8 @@ class SamPredictor:
             if points is not None:
                 kwargs["input_points"] = self._scale(points[sl])[None]
                 kwargs["input_labels"] = torch.from_numpy(labels[sl]).to(self.device)[None]
+            if dense is not None:
+                kwargs["input_masks"] = dense
             out = self.model(image_embeddings=self.image_embeddings, multimask_output=multimask_output, **kwargs)
             low_res = out.pred_masks[0].float()
             full = image_processor.post_process_masks(
@@ -273,6 +289,27 @@ class SamPredictor:
             scores.append(out.iou_scores[0].float().cpu().numpy())
             logits.append(low_res.cpu().numpy())
         return SamPrediction(np.concatenate(masks), np.concatenate(scores), np.concatenate(logits))
+
+    def _mask_prompt(self, mask_input: Any, n_prompts: int) -> torch.Tensor | None:
+        """`mask_input` as the `(1, 1, h, w)` float tensor SAM's prompt encoder embeds, after checking it."""
+        if mask_input is None:
+            return None
+        side = 4 * self.image_embeddings.shape[-1]
+        arr = np.asarray(mask_input, dtype=np.float32)
+        arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and all(d == 1 for d in arr.shape[:-2]) else arr
+        if arr.shape != (side, side):
+            raise PromptError(
+                f"mask_input must be the {side}x{side} low-resolution logits of an earlier prediction "
+                f"(SamPrediction.logits[i, j]), got shape {tuple(np.shape(mask_input))}."
+            )
+        if not np.isfinite(arr).all():
+            raise PromptError("mask_input has NaN or infinite values; expected the logits of an earlier prediction.")
+        if n_prompts != 1:
+            raise PromptError(
+                f"mask_input refines one object: give it with one prompt, got {n_prompts}. SAM's prompt encoder "
+                "applies one mask to every prompt of an image."
+            )
+        return torch.from_numpy(arr)[None, None].to(self.device, self.image_embeddings.dtype)
 
     def __call__(self, image: Any, **prompts: Any) -> SamPrediction:
         """`set_image(image)` then `predict(**prompts)`."""

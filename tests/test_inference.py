@@ -134,3 +134,37 @@ def test_tiny_images_keep_their_own_size(tiny_model_dir, shape):
     predictor_pil = SamPredictor.from_pretrained(str(tiny_model_dir))
     predictor_pil.set_image(Image.fromarray(image))
     torch.testing.assert_close(predictor_pil.image_embeddings, predictor.image_embeddings)
+
+
+def test_correction_click_with_the_previous_mask(predictor_and_image, tiny_model_dir):
+    """A box, then a negative click with the previous low-res logits fed back: equal to SAM's full forward with
+    `input_masks`, and different from the same click without the mask."""
+    predictor, image = predictor_and_image
+    model = SamModel.from_pretrained(tiny_model_dir).eval()
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    box, click, label = [100.0, 40.0, 180.0, 170.0], [[150.0, 60.0]], [0]
+    predictor.set_image(image)
+    first = predictor.predict(boxes=[box])
+    previous = first.logits[0, 0]
+    fixed = predictor.predict(boxes=[box], points=[click], point_labels=[label], mask_input=previous)
+    plain = predictor.predict(boxes=[box], points=[click], point_labels=[label])
+    assert fixed.masks.shape == (1, 1, 180, 256)
+    assert not np.allclose(fixed.logits, plain.logits), "the previous mask must reach the prompt encoder"
+    inputs = processor(
+        images=image, input_boxes=[[box]], input_points=[[click]], input_labels=[[label]], return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model(
+            **{k: v for k, v in inputs.items() if k.startswith(("pixel", "input"))},
+            input_masks=torch.from_numpy(previous)[None, None],
+            multimask_output=False,
+        )
+    torch.testing.assert_close(torch.from_numpy(fixed.logits), out.pred_masks[0], atol=1e-4, rtol=1e-4)
+
+    side = previous.shape[-1]
+    with pytest.raises(PromptError, match=f"mask_input must be the {side}x{side} low-resolution logits"):
+        predictor.predict(boxes=[box], mask_input=np.zeros((side, side + 1)))
+    with pytest.raises(PromptError, match="NaN or infinite"):
+        predictor.predict(boxes=[box], mask_input=np.full((side, side), np.nan))
+    with pytest.raises(PromptError, match="give it with one prompt, got 2"):
+        predictor.predict(boxes=[box, box], mask_input=previous)
