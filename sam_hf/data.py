@@ -15,6 +15,7 @@ The pipeline is:
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import warnings
@@ -102,9 +103,10 @@ def check_lossless_mask(mask: Any, where: str = "mask") -> None:
         raise ValueError(f"{where}{source} is a {fmt} image: {_LOSSY_MASK_MESSAGE}.")
 
 
-def _bomb_message(path: Path, err: Exception) -> str:
+def _bomb_message(path: Path | str, err: Exception) -> str:
+    what = path if isinstance(path, str) else f"Image file {path}"
     return (
-        f"Image file {path} is larger than Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = "
+        f"{what} is larger than Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = "
         f"{Image.MAX_IMAGE_PIXELS:,} pixels ({err}). If the image is intended, raise the limit before loading the "
         "data, e.g. `PIL.Image.MAX_IMAGE_PIXELS = 400_000_000` (or None to disable the check) in your launcher; "
         "otherwise remove or downscale the file."
@@ -425,6 +427,8 @@ def index_objects(
         boxes, areas, counts = [], [], []
         for image, mask, idx in zip(batch["image"], batch["label"], indices):
             where = f"row {idx} of split {split_name!r}"
+            image = _open_entry(image, f"The image of {where}")
+            mask = _open_entry(mask, f"The mask of {where}")
             try:
                 mask_arr = _mask_array(mask)
             except ValueError as err:
@@ -441,6 +445,14 @@ def index_objects(
             counts.append(len(b))
         return {"boxes": boxes, "areas": areas, "num_objects": counts, "row_index": list(indices)}
 
+    # Images and masks are decoded here rather than by datasets, so that a decompression bomb or a broken file names
+    # its row; the columns get their decoding feature back afterwards.
+    decoded = {
+        c: f for c, f in (ds.features or {}).items() if c in ("image", "label") and isinstance(f, datasets.Image)
+    }
+    if decoded and not isinstance(ds, datasets.IterableDataset):
+        for column in decoded:
+            ds = ds.cast_column(column, datasets.Image(decode=False))
     features = ds.features.copy() if ds.features is not None else None
     if features is not None:
         features["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
@@ -469,7 +481,32 @@ def index_objects(
             "had no non-zero mask pixel). Check --mask_column and --mask_type."
         )
     logger.info("Split %r: %d images, %d objects", split_name, len(kept), sum(kept["num_objects"]))
+    for column, feature in decoded.items():
+        kept = kept.cast_column(column, feature)
     return kept
+
+
+def _open_entry(entry: Any, what: str) -> Any:
+    """A PIL image from a `datasets.Image(decode=False)` value, with the decompression-bomb check naming `what`;
+    anything else (decoded images, arrays) is returned as it is."""
+    if not (isinstance(entry, dict) and ("bytes" in entry or "path" in entry)):
+        return entry
+    source = io.BytesIO(entry["bytes"]) if entry.get("bytes") is not None else entry["path"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            image.load()
+        for w in caught:
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                logger.warning("%s", _bomb_message(what, w.message).replace("If the image", "Pillow accepts it, but"))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(_bomb_message(what, err)) from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{what} cannot be decoded: {err}. Expected a readable image.") from err
 
 
 def _has_objects(split_name: str):

@@ -451,3 +451,26 @@ def test_epoch_reaches_persistent_dataloader_workers(nuclei_dir, tiny_model_dir)
         epochs.append(boxes(persistent))
         torch.testing.assert_close(epochs[-1], boxes(in_process), rtol=0, atol=0)
     assert not torch.equal(epochs[0], epochs[1]), "the second epoch must draw new prompts in the same workers"
+
+
+def test_decompression_bomb_in_a_saved_dataset_names_the_row(tmp_path, monkeypatch, caplog):
+    """Hub and save_to_disk datasets are decoded by sam_hf when indexed, so an oversized image names its row."""
+    small, big = np.zeros((4, 4, 3), np.uint8), np.zeros((10, 10, 3), np.uint8)
+    masks = [np.pad(np.ones((2, 2), np.uint8), 1), np.pad(np.ones((8, 8), np.uint8), 1)]
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(small), Image.fromarray(big)], "label": [Image.fromarray(m) for m in masks]}
+    )
+    ds = ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "saved"))
+    saved = load_source(str(tmp_path / "saved"))["train"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 100 pixels > 2 x 40: Pillow raises
+    with pytest.raises(ValueError, match=r"The image of row 1 of split 'train' is larger than .*raise the limit"):
+        index_objects(saved)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60)  # 100 pixels in (60, 120]: Pillow only warns
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
+        indexed = index_objects(saved)
+    assert "The image of row 1 of split 'train' is larger than" in caplog.text
+    assert "The mask of row 1 of split 'train' is larger than" in caplog.text
+    # The columns decode again as images afterwards, and the objects are found.
+    assert isinstance(indexed[1]["image"], Image.Image) and indexed["num_objects"] == [1, 1]
+    assert indexed["boxes"][1] == [[1.0, 1.0, 8.0, 8.0]]
