@@ -182,7 +182,7 @@ def _problem(cached: datasets.Dataset, digests: list[str] | None, full: bool) ->
         bad = next((i for i, (a, b) in enumerate(zip(stored, digests)) if a != b), None)
         if bad is not None:
             return f"row {bad} holds the embedding of another image"
-    rows = range(len(cached)) if full else sorted({0, len(cached) - 1} - {-1})
+    rows = range(len(cached)) if full or len(cached) < 2 else (0, len(cached) - 1)
     table = cached.select_columns(["image_embeddings", "image_digest", "embedding_checksum"])
     for i in rows:
         try:

@@ -427,7 +427,7 @@ def index_objects(
         boxes, areas, counts = [], [], []
         for image, mask, idx in zip(batch["image"], batch["label"], indices):
             where = f"row {idx} of split {split_name!r}"
-            image = _open_entry(image, f"The image of {where}")
+            image = _open_entry(image, f"The image of {where}", load=False)  # only its size is needed
             mask = _open_entry(mask, f"The mask of {where}")
             try:
                 mask_arr = _mask_array(mask)
@@ -486,7 +486,7 @@ def index_objects(
     return kept
 
 
-def _open_entry(entry: Any, what: str) -> Any:
+def _open_entry(entry: Any, what: str, load: bool = True) -> Any:
     """A PIL image from a `datasets.Image(decode=False)` value, with the decompression-bomb check naming `what`;
     anything else (decoded images, arrays) is returned as it is."""
     if not (isinstance(entry, dict) and ("bytes" in entry or "path" in entry)):
@@ -495,8 +495,9 @@ def _open_entry(entry: Any, what: str) -> Any:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            image.load()
+            image = Image.open(source)  # reads the header, where Pillow checks the size
+            if load:
+                image.load()
         for w in caught:
             if issubclass(w.category, Image.DecompressionBombWarning):
                 logger.warning("%s", _bomb_message(what, w.message).replace("If the image", "Pillow accepts it, but"))
@@ -644,7 +645,6 @@ class SamTransform:
         self.seed = seed
         # In shared memory, so that dataloader workers (persistent ones too) see the epoch the trainer sets.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self.rng = np.random.default_rng(seed)
         self.with_instances = with_instances
         ip = processor.image_processor
         self.mask_longest_edge = ip.mask_size["longest_edge"]
@@ -669,17 +669,14 @@ class SamTransform:
         """
         return np.random.default_rng([self.seed or 0, self.epoch, row_key])
 
-    def select(self, num_objects: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    def select(self, num_objects: int, rng: np.random.Generator) -> np.ndarray:
         k = num_objects if self.max_objects_per_image is None else min(num_objects, self.max_objects_per_image)
         if self.train and k < num_objects:
-            return np.sort((self.rng if rng is None else rng).choice(num_objects, size=k, replace=False))
+            return np.sort(rng.choice(num_objects, size=k, replace=False))
         return np.arange(k)
 
-    def sample_points(
-        self, instances: np.ndarray, ids: np.ndarray, rng: np.random.Generator | None = None
-    ) -> np.ndarray:
+    def sample_points(self, instances: np.ndarray, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One xy pixel per object id `(K, 2)`, drawn uniformly from the object's pixels."""
-        rng = self.rng if rng is None else rng
         ys, xs = np.nonzero(instances)
         owner = instances[ys, xs]
         points = np.zeros((len(ids), 2), np.float64)
@@ -718,7 +715,7 @@ class SamTransform:
                 original_size = tuple(int(v) for v in enc["original_sizes"][0])
                 reshaped_size = tuple(int(v) for v in enc["reshaped_input_sizes"][0])
             instances = mask_to_instances(batch["label"][row], self.mask_type)
-            rng = self.row_rng(self._row_key(batch, row)) if self.train else None
+            rng = self.row_rng(self._row_key(batch, row))
             keep = self.select(len(batch["boxes"][row]), rng)
             exact = np.asarray(batch["boxes"][row], np.float32)[keep]
             boxes = jitter_boxes(exact, self.box_jitter, original_size, rng) if self.box_jitter else exact

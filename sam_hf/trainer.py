@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .loss import SamDiceCELoss, iou_prediction_loss, multimask_loss
 from .metrics import object_stats
@@ -276,4 +277,4 @@ class SamTrainer(Trainer):
         save_lora_model(model, output_dir, merge=self.lora_merge)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
