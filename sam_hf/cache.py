@@ -8,8 +8,10 @@ never read. Only the image side is cached; prompts (box jitter, object sampling)
 
 Layout: one row per image, in the order of the dataset.
 
-- `image_embeddings`: the encoder output as `.npy` bytes (`numpy.lib.format`), so that reading a row costs one
-  memory copy instead of the nested Python lists that `datasets` makes of an `Array3D` column;
+- `image_embeddings`: the frozen image side's output as `.npy` bytes (`numpy.lib.format`), so that reading a row costs
+  one memory copy instead of the nested Python lists that `datasets` makes of an `Array3D` column. One array for SAM;
+  one per feature level, back to back, for family members whose decoder reads several (`sam_hf.family`: SAM-HQ's
+  early ViT features, SAM 2's three levels);
 - `original_sizes`, `reshaped_input_sizes`: `(height, width)` before and after the processor's resize;
 - `image_digest`: SHA-256 of the image's bytes;
 - `embedding_checksum`: CRC-32 of the digest followed by the embedding bytes, checked whenever a row is read.
@@ -42,9 +44,9 @@ import pyarrow as pa
 import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
-from transformers import SamModel
 
 from .data import encode_images, to_rgb_array
+from .family import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ __all__ = [
     "weights_fingerprint",
 ]
 
-CACHE_FORMAT = "sam_hf-embeddings-v2"
+CACHE_FORMAT = "sam_hf-embeddings-v3"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 CACHE_COLUMNS = ("image_embeddings", "original_sizes", "reshaped_input_sizes", "image_digest", "embedding_checksum")
 # Caches up to this size have every row's checksum verified when they are opened; larger ones when rows are read.
@@ -77,10 +79,11 @@ class EmbeddingCacheError(ValueError):
     """An embedding cache file is damaged: unreadable, of the wrong shape, or a row fails its checksum."""
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over the names and exact bytes of every tensor in `module.state_dict()`."""
+def weights_fingerprint(module: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and exact bytes of every tensor in `module.state_dict()` (or in a state dict)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    state = module if isinstance(module, Mapping) else module.state_dict()
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -99,10 +102,10 @@ def image_digests(ds: datasets.Dataset) -> list[str]:
 
 
 def _fingerprint(
-    digests: list[str], model: SamModel, image_processor, dtype: str, autocast_dtype: torch.dtype | None
+    digests: list[str], model: torch.nn.Module, image_processor, dtype: str, autocast_dtype: torch.dtype | None
 ) -> str:
     digest = hashlib.sha256(CACHE_FORMAT.encode())
-    digest.update(weights_fingerprint(model.vision_encoder).encode())
+    digest.update(image_side_fingerprint(model).encode())
     digest.update(type(image_processor).__name__.encode())
     digest.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
     digest.update(f"{dtype}/{autocast_dtype}".encode())
@@ -111,8 +114,18 @@ def _fingerprint(
     return digest.hexdigest()[:32]
 
 
+def image_side_fingerprint(model: torch.nn.Module) -> str:
+    """Fingerprint of the weights that make a model's image embeddings (its family member's `image_side`)."""
+    member = family_of(model)
+    return member.model_type + ":" + weights_fingerprint(member.image_side_state(model))
+
+
 def embedding_fingerprint(
-    ds: datasets.Dataset, model: SamModel, image_processor, dtype: str, autocast_dtype: torch.dtype | None = None
+    ds: datasets.Dataset,
+    model: torch.nn.Module,
+    image_processor,
+    dtype: str,
+    autocast_dtype: torch.dtype | None = None,
 ) -> str:
     """Fingerprint of the embeddings of `ds`: encoder weights, processor, dtypes and image bytes."""
     return _fingerprint(image_digests(ds), model, image_processor, dtype, autocast_dtype)
@@ -122,14 +135,26 @@ def _checksum(digest: str, blob: bytes) -> int:
     return zlib.crc32(blob, zlib.crc32(digest.encode()))
 
 
-def _encode(array: np.ndarray) -> bytes:
+def _encode(arrays: list[np.ndarray]) -> bytes:
+    """One row's feature levels as `.npy` arrays written back to back."""
     buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    for array in arrays:
+        np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
 
 
-def read_embedding(row: Mapping[str, Any], verify: bool = True) -> torch.Tensor:
-    """The `(C, g, g)` float32 embedding of one cached row (a dict with the cache's columns).
+def _decode(blob: bytes) -> list[np.ndarray]:
+    buffer, arrays = io.BytesIO(blob), []
+    while buffer.tell() < len(blob):
+        arrays.append(np.lib.format.read_array(buffer, allow_pickle=False))
+    if not arrays:
+        raise ValueError("no array in the row")
+    return arrays
+
+
+def read_embedding(row: Mapping[str, Any], verify: bool = True) -> torch.Tensor | list[torch.Tensor]:
+    """The float32 image features of one cached row (a dict with the cache's columns): the `(C, g, g)` embedding,
+    or a list of feature levels for family members whose decoder reads several.
 
     Args:
         row (`Mapping`): at least `image_embeddings` (array bytes from this module's cache, or an array-like such as
@@ -150,12 +175,13 @@ def read_embedding(row: Mapping[str, Any], verify: bool = True) -> torch.Tensor:
                 "cache file is damaged."
             )
     try:
-        array = np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
-    except (ValueError, OSError, TypeError) as err:
+        arrays = _decode(blob)
+    except (ValueError, OSError, TypeError, EOFError) as err:
         raise EmbeddingCacheError(
             f"The cached embedding of image sha256:{str(row.get('image_digest'))[:16]} is not a valid array: {err}"
         ) from err
-    return torch.from_numpy(array).float()
+    levels = [torch.from_numpy(a).float() for a in arrays]
+    return levels[0] if len(levels) == 1 else levels
 
 
 def verify_embedding_cache(path: str | os.PathLike, digests: list[str] | None = None) -> str | None:
@@ -239,7 +265,7 @@ def default_embedding_batch_size(device: torch.device | str) -> int:
 
 def add_image_embeddings(
     ds: datasets.Dataset,
-    model: SamModel,
+    model: torch.nn.Module,
     image_processor,
     split_name: str = "train",
     dtype: str = "float16",
@@ -258,7 +284,7 @@ def add_image_embeddings(
 
     Args:
         ds (`datasets.Dataset`): rows with an `image` column.
-        model (`SamModel`): its vision encoder makes the embeddings; it is not modified.
+        model: a SAM-family model; its frozen image side (`sam_hf.family`) makes the embeddings; it is not modified.
         image_processor: the model's image processor (resizing, normalisation, padding).
         split_name (`str`): for logs and progress bars.
         dtype (`str`, *optional*, defaults to `"float16"`): storage dtype, `"float16"` or `"float32"`.
@@ -323,32 +349,33 @@ class _ImageRows(torch.utils.data.Dataset):
         }
 
 
-def _build(
-    ds, model, image_processor, split_name, dtype, batch_size, num_workers, path, digests, device, autocast_dtype
-) -> None:
-    vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
-    shape = (vision.output_channels, grid, grid)
-    row_bytes = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize + 128
-    size = len(ds) * row_bytes
-    root = path.parent
-    free = shutil.disk_usage(root).free
+def _check_space(split_name: str, n_rows: int, row_bytes: int, shapes: list[tuple], dtype: str, path: Path) -> None:
+    size = n_rows * row_bytes
+    free = shutil.disk_usage(path.parent).free
     logger.info(
-        "Split %r: caching %d image embeddings %s %s in %s: %.2f GB needed, %.2f GB free",
+        "Split %r: caching %d image embeddings %s %s in %s: %.2f MB per image, %.2f GB needed, %.2f GB free",
         split_name,
-        len(ds),
-        shape,
+        n_rows,
+        " + ".join(str(s) for s in shapes),
         dtype,
         path,
+        row_bytes / 1e6,
         size / 1e9,
         free / 1e9,
     )
     if size > free:
         raise OSError(
             f"Not enough disk space for the embedding cache of split {split_name!r}: {size / 1e9:.2f} GB needed in "
-            f"{root}, {free / 1e9:.2f} GB free. Free some space, point --embedding_cache_dir elsewhere, use "
+            f"{path.parent}, {free / 1e9:.2f} GB free. Free some space, point --embedding_cache_dir elsewhere, use "
             "--embedding_dtype float16, or train without the cache (--cache_embeddings false)."
         )
+
+
+def _build(
+    ds, model, image_processor, split_name, dtype, batch_size, num_workers, path, digests, device, autocast_dtype
+) -> None:
+    member = family_of(model)
+    root = path.parent
     _remove_stale_temporaries(root)
     batch_size = batch_size or default_embedding_batch_size(device)
     if num_workers is None:
@@ -372,9 +399,13 @@ def _build(
                 pixel_values = batch["pixel_values"].to(device, non_blocking=True)
                 autocast = torch.autocast(device.type, autocast_dtype) if autocast_dtype is not None else nullcontext()
                 with torch.no_grad(), autocast:
-                    emb = model.get_image_embeddings(pixel_values)
-                emb = emb.to(dtype=getattr(torch, dtype)).cpu().numpy()
-                blobs = [_encode(e) for e in emb]
+                    levels = member.encode(model, pixel_values)
+                levels = [x.to(dtype=getattr(torch, dtype)).cpu().numpy() for x in levels]
+                blobs = [_encode([x[i] for x in levels]) for i in range(len(levels[0]))]
+                if row == 0:
+                    # The size of one row is known once the encoder has run: refuse before writing the rest.
+                    shapes = [tuple(x.shape[1:]) for x in levels]
+                    _check_space(split_name, len(ds), max(len(b) for b in blobs) + 128, shapes, dtype, path)
                 batch_digests = digests[row : row + len(blobs)]
                 writer.write_batch(
                     {

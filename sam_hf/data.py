@@ -33,6 +33,8 @@ from scipy import ndimage
 from transformers import SamProcessor
 from transformers.image_utils import ChannelDimension
 
+from .family import Geometry
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -323,8 +325,14 @@ def encode_images(image_processor: Any, images: Any, **kwargs: Any) -> Any:
 
     Returns:
         The processor's `BatchFeature` (`pixel_values`, `original_sizes`, `reshaped_input_sizes`) as torch tensors.
+        Processors that resize to the square input without padding (SAM 2) report no `reshaped_input_sizes`; it is
+        then the input's own size.
     """
-    return image_processor(images=images, input_data_format=ChannelDimension.LAST, return_tensors="pt", **kwargs)
+    enc = image_processor(images=images, input_data_format=ChannelDimension.LAST, return_tensors="pt", **kwargs)
+    if "reshaped_input_sizes" not in enc:
+        n, side = enc["pixel_values"].shape[0], enc["pixel_values"].shape[-2:]
+        enc["reshaped_input_sizes"] = torch.tensor([list(side)] * n)
+    return enc
 
 
 def _mask_array(mask: Any) -> np.ndarray:
@@ -570,7 +578,7 @@ def _resize_weights(size: int, new_size: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def object_labels(
-    instances: np.ndarray, boxes: np.ndarray, ids: np.ndarray, longest_edge: int, pad_size: int
+    instances: np.ndarray, boxes: np.ndarray, ids: np.ndarray, label_shape: tuple[int, int], pad_size: int
 ) -> torch.Tensor:
     """Soft low-resolution labels `(K, pad_size, pad_size)` of the objects `ids` of an instance map, equal (to float
     rounding) to `resize_and_pad_masks` of their full-resolution masks, computed only inside each object's box.
@@ -584,10 +592,13 @@ def object_labels(
         instances (`np.ndarray`): `(H, W)` instance map.
         boxes (`np.ndarray`): `(K, 4)` exact inclusive xyxy boxes of the objects (`index_objects`' `boxes`).
         ids (`np.ndarray`): `(K,)` instance ids of the objects.
-        longest_edge (`int`) / pad_size (`int`): the processor's `mask_size["longest_edge"]` and mask pad size.
+        label_shape (`tuple[int, int]`): `(H, W)` of the image inside the low-resolution mask frame, as the family's
+            processor resizes it (`sam_hf.family.Geometry.label_shape`: aspect kept for SAM, the whole frame for
+            SAM 2).
+        pad_size (`int`): side of the square low-resolution mask frame; the rest is padding.
     """
     height, width = instances.shape
-    new_h, new_w = resized_shape(height, width, longest_edge)
+    new_h, new_w = label_shape
     wy, first_y, last_y = _resize_weights(height, new_h)
     wx, first_x, last_x = _resize_weights(width, new_w)
     # numpy, not torch: these products are tiny, and torch's thread pool costs more than they do on a busy CPU.
@@ -646,9 +657,8 @@ class SamTransform:
         # In shared memory, so that dataloader workers (persistent ones too) see the epoch the trainer sets.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.with_instances = with_instances
-        ip = processor.image_processor
-        self.mask_longest_edge = ip.mask_size["longest_edge"]
-        self.mask_pad = ip.mask_pad_size["height"]
+        # Where pixels land in the input and the low-resolution masks (padded or plain resize, per family member).
+        self.geometry = Geometry.of_processor(processor)
 
     @property
     def epoch(self) -> int:
@@ -726,7 +736,8 @@ class SamTransform:
                 points = self.sample_points(instances, keep + 1, rng)
                 out["input_points"].append(scale_coords(points, original_size, reshaped_size)[:, None])
                 out["input_labels"].append(torch.ones(len(keep), 1, dtype=torch.long))
-            out["labels"].append(object_labels(instances, exact, keep + 1, self.mask_longest_edge, self.mask_pad))
+            label_shape = self.geometry.label_shape(*instances.shape)
+            out["labels"].append(object_labels(instances, exact, keep + 1, label_shape, self.geometry.mask_side))
             out["original_sizes"].append(torch.tensor(original_size))
             out["reshaped_input_sizes"].append(torch.tensor(reshaped_size))
             if self.with_instances:
@@ -746,6 +757,13 @@ def scale_coords(coords: Any, original_size: tuple[int, int], reshaped_size: tup
         raise ValueError(f"Expected coordinates of shape (..., 2) or (..., 4), got {coords.shape}.")
     factors = np.tile([new_w / old_w, new_h / old_h], coords.shape[-1] // 2)
     return torch.from_numpy(coords * factors).float()
+
+
+def _stack_levels(items: list[Any]) -> Any:
+    """Stack per-example image inputs: tensors, or tuples of feature levels (SAM-HQ, SAM 2) stacked level by level."""
+    if isinstance(items[0], (list, tuple)):
+        return [torch.stack(level) for level in zip(*items)]
+    return torch.stack(items)
 
 
 @dataclass
@@ -769,7 +787,7 @@ class SamDataCollator:
         m = features[0]["labels"].shape[-1]
         image_key = "image_embeddings" if "image_embeddings" in features[0] else "pixel_values"
         batch = {
-            image_key: torch.stack([f[image_key] for f in features]),
+            image_key: _stack_levels([f[image_key] for f in features]),
             "input_boxes": torch.zeros(len(features), k, 4),
             "labels": torch.full((len(features), k, m, m), LABEL_PAD),
             "original_sizes": torch.stack([f["original_sizes"] for f in features]),

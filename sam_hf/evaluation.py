@@ -26,7 +26,7 @@ if not hasattr(evaluate, "load"):
         f"`import evaluate` found {getattr(evaluate, '__file__', evaluate)!r}, not the evaluate library: a file named "
         "evaluate.py on the import path (such as scripts/evaluate.py when its folder is on sys.path) shadows it."
     )
-from .cache import read_embedding, weights_fingerprint
+from .cache import image_side_fingerprint, read_embedding
 from .config import DataArguments
 from .data import index_objects, jitter_boxes, load_source, mask_to_instances, split_source, to_rgb_array
 from .inference import SamPredictor
@@ -185,7 +185,7 @@ def evaluate_models(
     groups: dict[tuple[str, str], list[str]] = {}
     for name, predictor in predictors.items():
         key = (
-            weights_fingerprint(predictor.model.vision_encoder),
+            image_side_fingerprint(predictor.model),
             json.dumps(predictor.processor.image_processor.to_dict(), sort_keys=True, default=str),
         )
         groups.setdefault(key, []).append(name)

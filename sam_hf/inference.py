@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import SamModel, SamProcessor
 
 from .data import encode_images, scale_coords, to_rgb_array
+from .family import as_levels, family_of
 from .modeling import load_model_and_processor
 
 logger = logging.getLogger(__name__)
@@ -146,8 +146,9 @@ class SamPredictor:
     """Segment an image with box and/or point prompts, encoding the image once.
 
     Args:
-        model (`SamModel`): a SAM model, e.g. one fine-tuned with sam_hf.
-        processor (`SamProcessor`): its processor (resizing, padding, normalisation, mask post-processing).
+        model: a SAM-family model (`SamModel`, `SamHQModel`, `Sam2Model`, `Sam3TrackerModel`, `EdgeTamModel`), e.g.
+            one fine-tuned with sam_hf.
+        processor: its processor (resizing, padding, normalisation).
         device (`str` or `torch.device`, *optional*): defaults to the model's device.
         chunk_size (`int`, *optional*, defaults to 64): prompts decoded and upsampled at once; bounds memory.
         mask_threshold (`float`, *optional*, defaults to 0.0): logit threshold for the binary masks.
@@ -155,8 +156,8 @@ class SamPredictor:
 
     def __init__(
         self,
-        model: SamModel,
-        processor: SamProcessor,
+        model: torch.nn.Module,
+        processor: Any,
         device: str | torch.device | None = None,
         chunk_size: int = 64,
         mask_threshold: float = 0.0,
@@ -167,6 +168,9 @@ class SamPredictor:
         if device is not None:
             self.model.to(device)
         self.processor = processor
+        self.family = family_of(model)
+        self.family.check_processor(processor, model.config)
+        self.geometry = self.family.geometry(model.config)
         self.chunk_size = chunk_size
         self.mask_threshold = mask_threshold
         self.reset_image()
@@ -199,28 +203,27 @@ class SamPredictor:
                 f"{original_size[1]}; it must take (H, W, 3) channels-last input."
             )
         pixel_values = inputs["pixel_values"].to(self.device, self.model.dtype)
-        self.image_embeddings = self.model.get_image_embeddings(pixel_values)
+        self.image_embeddings = self.family.encode(self.model, pixel_values)
         self.original_size = original_size
         self.reshaped_size = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
 
     def set_image_embeddings(
         self, embeddings: Any, original_size: tuple[int, int], reshaped_size: tuple[int, int]
     ) -> None:
-        """Use an image embedding computed earlier (e.g. the `image_embeddings`, `original_sizes` and
+        """Use image features computed earlier (e.g. the `image_embeddings`, `original_sizes` and
         `reshaped_input_sizes` columns of `sam_hf.cache.add_image_embeddings`) instead of encoding the image again.
 
         Args:
-            embeddings: `(C, g, g)` or `(1, C, g, g)` output of this model's vision encoder for the image.
+            embeddings: this model's image features for the image, without or with a batch dimension of 1: the
+                `(C, g, g)` embedding, or the list of feature levels of SAM-HQ and SAM 2-style models
+                (`sam_hf.cache.read_embedding`).
             original_size (`tuple[int, int]`): `(height, width)` of the original image.
             reshaped_size (`tuple[int, int]`): `(height, width)` the processor resized it to.
         """
-        emb = torch.as_tensor(embeddings if torch.is_tensor(embeddings) else np.asarray(embeddings))
-        emb = emb.to(self.device, self.model.dtype)
-        emb = emb[None] if emb.dim() == 3 else emb
-        expected = self.model.config.vision_config.output_channels
-        if emb.dim() != 4 or emb.shape[:2] != (1, expected):
-            raise ValueError(f"Expected image embeddings of shape ({expected}, g, g), got {tuple(emb.shape)}.")
-        self.image_embeddings = emb
+        levels = [torch.as_tensor(e if torch.is_tensor(e) else np.asarray(e)) for e in as_levels(embeddings)]
+        levels = [e[None] if e.dim() == 3 else e for e in levels]
+        self.family.check_features(levels, self.model.config)
+        self.image_embeddings = tuple(e.to(self.device, self.model.dtype) for e in levels)
         self.original_size = tuple(int(v) for v in original_size)
         self.reshaped_size = tuple(int(v) for v in reshaped_size)
 
@@ -264,7 +267,7 @@ class SamPredictor:
         boxes, points, labels = validate_prompts(self.original_size, boxes, points, point_labels)
         n = len(boxes) if boxes is not None else len(points)
         dense = self._mask_prompt(mask_input, n)
-        image_processor = self.processor.image_processor
+        image = self.family.decoder_inputs(self.image_embeddings)
         masks, scores, logits = [], [], []
         for start in range(0, n, self.chunk_size):
             sl = slice(start, start + self.chunk_size)
@@ -276,16 +279,11 @@ class SamPredictor:
                 kwargs["input_labels"] = torch.from_numpy(labels[sl]).to(self.device)[None]
             if dense is not None:
                 kwargs["input_masks"] = dense
-            out = self.model(image_embeddings=self.image_embeddings, multimask_output=multimask_output, **kwargs)
+            out = self.model(**image, multimask_output=multimask_output, **self.family.forward_kwargs, **kwargs)
             low_res = out.pred_masks[0].float()
-            full = image_processor.post_process_masks(
-                [low_res.cpu()],
-                [self.original_size],
-                [self.reshaped_size],
-                mask_threshold=self.mask_threshold,
-                binarize=True,
-            )[0]
-            masks.append(full.numpy().astype(bool))
+            full = self.geometry.upscale(low_res.flatten(0, 1), self.original_size, self.reshaped_size)
+            full = full.reshape(*low_res.shape[:2], *full.shape[-2:]) > self.mask_threshold
+            masks.append(full.cpu().numpy())
             scores.append(out.iou_scores[0].float().cpu().numpy())
             logits.append(low_res.cpu().numpy())
         return SamPrediction(np.concatenate(masks), np.concatenate(scores), np.concatenate(logits))
@@ -294,7 +292,7 @@ class SamPredictor:
         """`mask_input` as the `(1, 1, h, w)` float tensor SAM's prompt encoder embeds, after checking it."""
         if mask_input is None:
             return None
-        side = 4 * self.image_embeddings.shape[-1]
+        side = self.geometry.mask_side
         arr = np.asarray(mask_input, dtype=np.float32)
         arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and all(d == 1 for d in arr.shape[:-2]) else arr
         if arr.shape != (side, side):
@@ -309,7 +307,7 @@ class SamPredictor:
                 f"mask_input refines one object: give it with one prompt, got {n_prompts}. SAM's prompt encoder "
                 "applies one mask to every prompt of an image."
             )
-        return torch.from_numpy(arr)[None, None].to(self.device, self.image_embeddings.dtype)
+        return torch.from_numpy(arr)[None, None].to(self.device, self.image_embeddings[0].dtype)
 
     def __call__(self, image: Any, **prompts: Any) -> SamPrediction:
         """`set_image(image)` then `predict(**prompts)`."""

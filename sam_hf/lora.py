@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .family import FAMILY
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -32,11 +34,10 @@ __all__ = [
 ]
 
 # Default adapter targets per `config.model_type`, as peft matches `target_modules` (a module whose dotted name is the
-# entry or ends with "." + the entry). In transformers' SAM image encoder each `SamVisionAttention` has one fused
-# `qkv` linear (q, k and v in one matrix) and an output `proj`; the mask decoder's attention uses q_proj / k_proj /
-# v_proj / out_proj, so "qkv" names the image encoder's attention projections only. Other SAM-family models add their
-# entry here.
-LORA_TARGET_MODULES: dict[str, list[str]] = {"sam": ["qkv"]}
+# entry or ends with "." + the entry): the image encoder's attention projections, named per family member in
+# `sam_hf.family` (SAM's fused `qkv`, SAM 3's `attention.q_proj` / `attention.v_proj`; the mask decoder's attention
+# layers are named otherwise, so they keep training in full).
+LORA_TARGET_MODULES: dict[str, list[str]] = {t: list(m.lora_target_modules) for t, m in FAMILY.items()}
 
 # Subfolder of the output dir that receives the adapter (adapter_model.safetensors + adapter_config.json).
 ADAPTER_DIR = "adapter"
@@ -71,10 +72,11 @@ def is_lora_model(model: Any) -> bool:
 
 def default_lora_target_modules(model_type: str) -> list[str]:
     """The default adapter targets of a model type (`LORA_TARGET_MODULES`)."""
-    if model_type not in LORA_TARGET_MODULES:
+    if not LORA_TARGET_MODULES.get(model_type):
+        known = ", ".join(t for t, v in LORA_TARGET_MODULES.items() if v)
         raise ValueError(
-            f"No default LoRA targets for model type {model_type!r} (known: {', '.join(LORA_TARGET_MODULES)}); "
-            "pass --lora_target_modules with the names of its image encoder's linear layers."
+            f"No default LoRA targets for model type {model_type!r} (defaults exist for {known}): pass "
+            "--lora_target_modules with the names of its image encoder's linear layers."
         )
     return list(LORA_TARGET_MODULES[model_type])
 
@@ -260,7 +262,8 @@ def save_lora_model(peft_model: torch.nn.Module, output_dir: str | os.PathLike, 
 
     The adapter (`adapter_model.safetensors` + `adapter_config.json`, which names the base model) loads with
     `peft.PeftModel.from_pretrained(base, output_dir / "adapter")`. The merged checkpoint (`model.safetensors` +
-    `config.json`) loads with `SamModel.from_pretrained(output_dir)` and `pipeline("mask-generation")`, without peft.
+    `config.json`) loads with the family's class (`SamModel.from_pretrained(output_dir)` for SAM) and
+    `pipeline("mask-generation")`, without peft.
     Without `merge`, a plain checkpoint left in `output_dir` by an earlier run is removed, so that the directory
     cannot hold weights other than this run's.
     """
@@ -283,7 +286,7 @@ def save_lora_model(peft_model: torch.nn.Module, output_dir: str | os.PathLike, 
         adapter_dir,
         f" and the merged model to {out}"
         if merge
-        else f" (--lora_merge false: load it with peft.PeftModel.from_pretrained(SamModel.from_pretrained(base), "
-        f"'{adapter_dir}'))",
+        else f" (--lora_merge false: load it with peft.PeftModel.from_pretrained("
+        f"{type(peft_model.get_base_model()).__name__}.from_pretrained(base), '{adapter_dir}'))",
     )
     return written

@@ -6,7 +6,17 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
+from transformers import (
+    AutoConfig,
+    PretrainedConfig,
+    ProcessorMixin,
+    SamConfig,
+    SamImageProcessorPil,
+    SamModel,
+    SamProcessor,
+)
+
+from .family import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -149,55 +159,72 @@ def count_parameters(model: torch.nn.Module) -> ParameterCount:
     )
 
 
-def freeze_modules(model: SamModel, freeze_vision_encoder: bool = True, freeze_prompt_encoder: bool = True) -> None:
-    """Switch off gradients of the frozen SAM modules; the mask decoder stays trainable.
+def freeze_modules(
+    model: torch.nn.Module, freeze_vision_encoder: bool = True, freeze_prompt_encoder: bool = True
+) -> None:
+    """Switch off gradients of the frozen parts of a SAM-family model; the mask decoder stays trainable.
 
-    The image-wide positional embedding is shared by the prompt encoder and the image side; it is frozen with the
-    prompt encoder.
+    The same flags freeze the same parts in every family member (`sam_hf.family`): `freeze_vision_encoder` the modules
+    that compute the image embeddings (for SAM 2-style models also the decoder's projections of the high-resolution
+    feature levels and the no-memory embedding, which transformers applies once per image), and
+    `freeze_prompt_encoder` the prompt encoder with the image-wide positional embedding it shares with the image side.
+    Decoder heads that no sam_hf loss reaches (SAM 2's object-score head) are always frozen.
     """
+    member = family_of(model)
     model.requires_grad_(True)
-    if freeze_vision_encoder:
-        model.vision_encoder.requires_grad_(False)
-    if freeze_prompt_encoder:
-        model.prompt_encoder.requires_grad_(False)
-        model.shared_image_embedding.requires_grad_(False)
-    logger.info(
-        "Frozen modules: %s. Parameters: %s",
-        ", ".join(
-            n for n, f in [("vision_encoder", freeze_vision_encoder), ("prompt_encoder", freeze_prompt_encoder)] if f
-        )
-        or "none",
-        count_parameters(model),
-    )
+    frozen = []
+    for flag, names, label in (
+        (freeze_vision_encoder, member.image_side, "image encoder"),
+        (freeze_prompt_encoder, member.prompt_side, "prompt encoder"),
+    ):
+        if flag:
+            for _, param in member.parts(model, names):
+                param.requires_grad_(False)
+            frozen.append(f"{label} ({', '.join(names)})")
+    for _, param in member.parts(model, member.unused_outputs):
+        param.requires_grad_(False)
+    logger.info("%s: frozen %s. Parameters: %s", member.name, "; ".join(frozen) or "nothing", count_parameters(model))
 
 
 def load_model_and_processor(
     model_name_or_path: str, revision: str = "main", token: str | None = None, cache_dir: str | None = None
-) -> tuple[SamModel, SamProcessor]:
-    """Load a SAM checkpoint and its processor from the Hub or a local directory.
+) -> tuple[torch.nn.Module, ProcessorMixin]:
+    """Load a SAM-family checkpoint and its processor from the Hub or a local directory.
+
+    The family member (SAM, SAM-HQ, SAM 2.1, SAM 3 tracker, EdgeTAM) is read from the checkpoint's
+    `config.json` (`model_type`), and its own model and processor classes load it (`sam_hf.family`).
 
     Args:
-        model_name_or_path (`str`): a Hub id such as `facebook/sam-vit-base`, or a directory written by
-            `save_pretrained` holding both the model and the processor.
+        model_name_or_path (`str`): a Hub id such as `facebook/sam-vit-base` or `facebook/sam2.1-hiera-tiny`, or a
+            directory written by `save_pretrained` holding both the model and the processor.
         revision (`str`, *optional*, defaults to `"main"`): the Hub revision.
         token (`str`, *optional*): a Hub token; never logged.
         cache_dir (`str`, *optional*): where downloads are cached.
     """
     kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir}
     try:
-        model = SamModel.from_pretrained(model_name_or_path, **kwargs)
+        config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"Could not load a SAM-family model from --model_name_or_path={model_name_or_path!r}: expected a Hub id "
+            "such as 'facebook/sam-vit-base' or a directory holding config.json and model weights."
+        ) from err
+    member = family_of(config)
+    try:
+        model = member.model_class.from_pretrained(model_name_or_path, **kwargs)
     except OSError as err:
         raise OSError(
-            f"Could not load a SAM model from --model_name_or_path={model_name_or_path!r}: expected a Hub id such as "
-            "'facebook/sam-vit-base' or a directory holding config.json and model weights."
+            f"Could not load the {member.name} model weights of --model_name_or_path={model_name_or_path!r}: "
+            f"expected a directory or Hub repo with config.json and model weights ({member.model_class.__name__})."
         ) from err
     declare_tied_weights_unsaved(model)
-    processor = SamProcessor.from_pretrained(model_name_or_path, **kwargs)
-    check_processor_matches_model(processor, model.config)
+    processor = member.processor_class.from_pretrained(model_name_or_path, **kwargs)
+    member.check_processor(processor, model.config)
+    logger.info("Loaded %s (%s) from %s", member.name, type(model).__name__, model_name_or_path)
     return model, processor
 
 
-def declare_tied_weights_unsaved(model: SamModel) -> SamModel:
+def declare_tied_weights_unsaved(model: torch.nn.Module) -> torch.nn.Module:
     """Declare the model's tied copies (`prompt_encoder.shared_embedding.positional_embedding`, the same tensor as
     `shared_image_embedding.positional_embedding`) in `_keys_to_ignore_on_save`.
 
@@ -213,29 +240,17 @@ def declare_tied_weights_unsaved(model: SamModel) -> SamModel:
     return model
 
 
-def low_res_mask_side(config: SamConfig) -> int:
+def low_res_mask_side(config: PretrainedConfig) -> int:
     """Side of the square low-resolution masks the mask decoder predicts (4 x the embedding grid)."""
-    return 4 * (config.vision_config.image_size // config.vision_config.patch_size)
+    return family_of(config).geometry(config).mask_side
 
 
-def check_processor_matches_model(processor: SamProcessor, config: SamConfig) -> None:
+def check_processor_matches_model(processor: ProcessorMixin, config: PretrainedConfig) -> None:
     """Raise if the processor would produce inputs or labels of another size than the model expects."""
-    ip = processor.image_processor
-    image_size, mask_side = config.vision_config.image_size, low_res_mask_side(config)
-    problems = []
-    if ip.pad_size["height"] != image_size or ip.pad_size["width"] != image_size:
-        problems.append(f"pad_size {dict(ip.pad_size)} != image_size {image_size}")
-    if ip.size["longest_edge"] != image_size:
-        problems.append(f"size {dict(ip.size)} != longest_edge {image_size}")
-    if ip.mask_size["longest_edge"] != mask_side:
-        problems.append(f"mask_size {dict(ip.mask_size)} != longest_edge {mask_side}")
-    if ip.mask_pad_size["height"] != mask_side or ip.mask_pad_size["width"] != mask_side:
-        problems.append(f"mask_pad_size {dict(ip.mask_pad_size)} != {mask_side}")
-    if problems:
-        raise ValueError("The processor does not match the model config: " + "; ".join(problems))
+    family_of(config).check_processor(processor, config)
 
 
-def freeze_unused_decoder_outputs(model: SamModel, train_iou_head: bool = True) -> None:
+def freeze_unused_decoder_outputs(model: torch.nn.Module, train_iou_head: bool = True) -> None:
     """Freeze the decoder parts that single-mask box training never reaches: the hypernetwork MLPs of the three
     multimask tokens, and the IoU head unless it is trained on the single-mask output (`train_iou_head`, the default:
     `SamTrainer` adds an IoU-prediction loss unless `iou_loss_weight` is 0).
@@ -244,7 +259,7 @@ def freeze_unused_decoder_outputs(model: SamModel, train_iou_head: bool = True) 
     DistributedDataParallel wait for gradients that never come. Freezing them also keeps them bit-identical to the
     base model.
     """
-    decoder = model.mask_decoder
-    decoder.iou_prediction_head.requires_grad_(train_iou_head)
-    for mlp in decoder.output_hypernetworks_mlps[1:]:
+    member = family_of(model)
+    model.mask_decoder.iou_prediction_head.requires_grad_(train_iou_head)
+    for mlp in member.multimask_hypernetworks(model):
         mlp.requires_grad_(False)

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .cache import EmbeddingCacheError, add_image_embeddings, quarantine, verify_embedding_cache
 from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, index_objects, load_source, split_source
+from .family import family_of
 from .hub import FIGURES, check_hub_access
 from .lora import add_lora_adapters, lora_card_info
 from .loss import SamDiceCELoss
@@ -453,6 +454,7 @@ def run_training(
     model, processor = load_model_and_processor(
         model_args.model_name_or_path, model_args.model_revision, model_args.token, model_args.cache_dir
     )
+    family_of(model).prepare_for_training(model)
     freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
     multimask_every = multimask_stride(sam_args)
     if not multimask_every:

@@ -11,14 +11,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from .family import Geometry, as_levels, family_of
 from .loss import SamDiceCELoss, iou_prediction_loss, multimask_loss
 from .metrics import object_stats
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SamTrainer"]
-
-MODEL_INPUTS = ("pixel_values", "image_embeddings", "input_boxes")
 
 
 class PromptEpochCallback(TrainerCallback):
@@ -142,6 +141,8 @@ class SamTrainer(Trainer):
             raise ValueError(f"multimask_every must be >= 1, got {multimask_every}.")
         self.multimask_every = multimask_every
         self.lora_merge = lora_merge
+        # What differs between SAM, SAM-HQ and SAM 2-style models (image features, decoder call, mask geometry).
+        self.family = family_of(self.accelerator.unwrap_model(self.model))
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
         self.add_callback(FiniteGradientCallback())
@@ -149,33 +150,43 @@ class SamTrainer(Trainer):
         if epoch_callback.transform is not None:
             self.add_callback(epoch_callback)
 
-    def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
-        kwargs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
-        return model(**kwargs, multimask_output=False)
+    def _image_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The model's image-side keyword arguments: `pixel_values`, or the cached features in the family's form."""
+        if "image_embeddings" in inputs:
+            return self.family.decoder_inputs(as_levels(inputs["image_embeddings"]))
+        return {"pixel_values": inputs["pixel_values"]}
+
+    def _forward(self, model: torch.nn.Module, inputs: dict[str, Any], **kwargs: Any):
+        """The box-prompted call: the model gets only the inputs it uses (its forward ignores unknown keys)."""
+        return model(
+            **self._image_inputs(inputs), input_boxes=inputs["input_boxes"], **self.family.forward_kwargs, **kwargs
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         multimask = "input_points" in inputs and model.training
         point_image, hook = None, None  # point_image: what the point-prompted call gets instead of pixel_values
         if multimask and "pixel_values" in inputs:
-            vision = self.accelerator.unwrap_model(model).vision_encoder
+            unwrapped = self.accelerator.unwrap_model(model)
+            vision = self.family.vision_encoder(unwrapped)
             if not any(p.requires_grad for p in vision.parameters()):
                 # Two decoder calls follow; run the frozen encoder once for both (no gradient flows through it).
                 with torch.no_grad():
-                    embeddings = self.accelerator.unwrap_model(model).get_image_embeddings(inputs["pixel_values"])
-                inputs = {k: v for k, v in inputs.items() if k != "pixel_values"} | {"image_embeddings": embeddings}
+                    features = self.family.encode(unwrapped, inputs["pixel_values"])
+                inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+                inputs["image_embeddings"] = list(features) if len(features) > 1 else features[0]
             else:
-                # A learning encoder (LoRA, unfrozen): keep the embeddings of the first call, through the (possibly
+                # A learning encoder (LoRA, unfrozen): keep the features of the first call, through the (possibly
                 # distributed) model, and give them to the second, so the encoder runs once and both losses reach it.
-                captured: list[torch.Tensor] = []
-                hook = vision.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+                captured: list[Any] = []
+                hook = vision.register_forward_hook(lambda module, args, output: captured.append(output))
         try:
-            outputs = self._forward(model, inputs)
+            outputs = self._forward(model, inputs, multimask_output=False)
         finally:
             if hook is not None:
                 hook.remove()
         if hook is not None:
-            point_image = {"image_embeddings": captured[-1]}
+            point_image = self.family.decoder_inputs(self.family.capture(captured[-1], outputs))
         logits = outputs.pred_masks[:, :, 0]
         loss, n_objects = self.loss_fn(logits, labels)
         if self.iou_loss_weight:
@@ -183,7 +194,6 @@ class SamTrainer(Trainer):
             # outputs: teach it that mask's actual IoU, so that `iou_scores` rank masks by quality.
             loss = loss + self.iou_loss_weight * iou_prediction_loss(logits, outputs.iou_scores[:, :, 0], labels)
         if multimask:
-            image_key = "image_embeddings" if "image_embeddings" in inputs else "pixel_values"
             # Every `multimask_every`-th object of each image, starting at an offset that cycles with the step, so
             # that every object takes its turn; 1 prompts them all.
             every = self.multimask_every
@@ -195,10 +205,11 @@ class SamTrainer(Trainer):
                 # process still reaches the same parameters (DistributedDataParallel waits for their gradients).
                 chosen, point_labels = slice(0, 1), torch.full_like(labels[:, :1], -100)
             point_outputs = model(
-                **(point_image or {image_key: inputs[image_key]}),
+                **(point_image or self._image_inputs(inputs)),
                 input_points=inputs["input_points"][:, chosen],
                 input_labels=inputs["input_labels"][:, chosen],
                 multimask_output=True,
+                **self.family.forward_kwargs,
             )
             mask_sum, iou_sum, _ = multimask_loss(
                 self.loss_fn, point_outputs.pred_masks, point_outputs.iou_scores, point_labels, reduction="sum"
@@ -236,7 +247,7 @@ class SamTrainer(Trainer):
 
     def object_stats(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """`(B, K, 3)` intersection / predicted / ground-truth areas at original resolution; padding rows are -100."""
-        image_processor = getattr(self.processing_class, "image_processor", self.processing_class)
+        geometry = Geometry.of_processor(self.processing_class)
         b, k = logits.shape[:2]
         stats = torch.full((b, k, 3), -100.0, dtype=torch.float64, device=logits.device)
         for i in range(b):
@@ -247,9 +258,7 @@ class SamTrainer(Trainer):
             for start in range(0, n_objects, self.eval_chunk_size):
                 # Stop at the last real object: the collator pads with id 0, which must not be scored.
                 sl = slice(start, min(start + self.eval_chunk_size, n_objects))
-                pred = image_processor.post_process_masks(
-                    [logits[i, sl][None].float()], [(h, w)], inputs["reshaped_input_sizes"][i : i + 1].tolist()
-                )[0][0]
+                pred = geometry.upscale(logits[i, sl], (h, w), inputs["reshaped_input_sizes"][i].tolist()) > 0
                 target = instances[None] == ids[sl, None, None]
                 stats[i, sl] = object_stats(pred, target)
         return stats

@@ -531,7 +531,10 @@ def transform(args, ds) -> None:
         k = min(args.max_objects_per_image, len(row["boxes"]))
         rows.append((instances, np.asarray(row["boxes"], np.float32)[:k], np.arange(1, k + 1)))
     for name, labels in (
-        ("labels_in_boxes", lambda inst, boxes, ids: object_labels(inst, boxes, ids, edge, pad)),
+        (
+            "labels_in_boxes",
+            lambda inst, boxes, ids: object_labels(inst, boxes, ids, resized_shape(*inst.shape, edge), pad),
+        ),
         (
             "labels_full_frame",
             lambda inst, boxes, ids: resize_and_pad_masks(

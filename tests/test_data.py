@@ -7,6 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sam_hf import (
@@ -18,7 +19,14 @@ from sam_hf import (
     tiny_sam_config,
     tiny_sam_processor,
 )
-from sam_hf.data import SamDataCollator, index_objects, load_image_folder, resize_and_pad_masks, to_rgb_array
+from sam_hf.data import (
+    SamDataCollator,
+    index_objects,
+    load_image_folder,
+    resize_and_pad_masks,
+    resized_shape,
+    to_rgb_array,
+)
 
 
 def test_boxes_match_hand_computed():
@@ -317,13 +325,19 @@ def test_object_labels_equal_full_frame_resize(shape):
     for longest_edge, pad in ((64, 64), (256, 256), (48, 64)):
         full = resize_and_pad_masks(torch.from_numpy(instances)[None] == torch.from_numpy(ids)[:, None, None],
                                     longest_edge, pad)  # fmt: skip
-        fast = object_labels(instances, boxes, ids, longest_edge, pad)
+        fast = object_labels(instances, boxes, ids, resized_shape(*shape, longest_edge), pad)
         torch.testing.assert_close(fast, full, rtol=0, atol=2e-6)
+    # SAM 2-style geometry: the whole image stretched over the square mask frame, no padding.
+    masks = (torch.from_numpy(instances)[None] == torch.from_numpy(ids)[:, None, None]).float()[:, None]
+    stretched = F.interpolate(masks, size=(48, 48), mode="bilinear", antialias=True, align_corners=False)[:, 0]
+    torch.testing.assert_close(
+        object_labels(instances, boxes, ids, (48, 48), 48), stretched.clamp(0, 1), rtol=0, atol=2e-6
+    )
     # A subset of objects, in another order, gives the matching subset of labels.
     pick = ids[::-1][: max(1, len(ids) // 3)]
     torch.testing.assert_close(
-        object_labels(instances, boxes[pick - 1], pick, 64, 64),
-        object_labels(instances, boxes, ids, 64, 64)[pick - 1],
+        object_labels(instances, boxes[pick - 1], pick, resized_shape(*shape, 64), 64),
+        object_labels(instances, boxes, ids, resized_shape(*shape, 64), 64)[pick - 1],
         rtol=0,
         atol=0,
     )

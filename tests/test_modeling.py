@@ -21,8 +21,11 @@ def test_tiny_config_agrees_with_itself_and_its_processor():
 
 
 def test_mismatched_processor_is_rejected():
-    with pytest.raises(ValueError, match="pad_size"):
+    with pytest.raises(ValueError, match="256-px inputs and predicts 64-px masks, the processor makes 1024-px"):
         check_processor_matches_model(SamProcessor(image_processor=SamImageProcessorPil()), tiny_sam_config())
+    inconsistent = SamImageProcessorPil(size={"longest_edge": 256}, pad_size={"height": 512, "width": 512})
+    with pytest.raises(ValueError, match="must agree"):
+        check_processor_matches_model(SamProcessor(image_processor=inconsistent), tiny_sam_config())
 
 
 def test_fresh_tiny_encoder_sees_the_image():
