@@ -85,7 +85,7 @@ def weights_fingerprint(module: torch.nn.Module | Mapping[str, torch.Tensor]) ->
     state = module if isinstance(module, Mapping) else module.state_dict()
     for name, tensor in sorted(state.items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

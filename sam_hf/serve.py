@@ -423,8 +423,7 @@ class _ModelService:
         return self._generator
 
     def _padded_pixels(self) -> int:
-        pad = self.predictor.processor.image_processor.pad_size
-        return int(pad["height"]) * int(pad["width"])
+        return self.predictor.geometry.image_size**2
 
     def _check_mask_pixels(self, count: int, image: _DecodedImage, what: str) -> None:
         total = count * image.height * image.width

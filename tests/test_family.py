@@ -1,0 +1,203 @@
+"""Every SAM-family member through the same code: geometry, cache, training, reloading, predictor, pipeline, server.
+
+Each member is a tiny configuration built in code (`sam_hf.family.tiny_config`), saved like a Hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sam_hf.cache import add_image_embeddings, read_embedding
+from sam_hf.data import SamDataCollator, SamTransform, encode_images, index_objects, load_source
+from sam_hf.family import FAMILY, Geometry, as_levels, family_of, tiny_config, tiny_processor
+from sam_hf.inference import SamPredictor
+from sam_hf.modeling import freeze_modules, load_model_and_processor
+from sam_hf.run import parse_args, run_training
+
+MODEL_TYPES = list(FAMILY)
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES)
+def member_dir(request, tmp_path_factory) -> Path:
+    """A randomly initialised tiny family member with its processor, saved like a Hub checkpoint."""
+    model_type = request.param
+    if model_type == "edgetam":
+        pytest.importorskip("timm")
+    member = FAMILY[model_type]
+    path = tmp_path_factory.mktemp(f"tiny-{model_type}")
+    torch.manual_seed(0)
+    config = tiny_config(model_type)
+    member.model_class(config).save_pretrained(path)
+    tiny_processor(config).save_pretrained(path)
+    return path
+
+
+def _rectangle_image(height: int, width: int, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A black image with one white rectangle (inclusive xyxy `box`), and its instance map."""
+    x0, y0, x1, y1 = box
+    instances = np.zeros((height, width), np.int32)
+    instances[y0 : y1 + 1, x0 : x1 + 1] = 1
+    image = np.repeat((instances * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    return image, instances
+
+
+def test_registry_is_keyed_by_model_type():
+    for model_type, member in FAMILY.items():
+        config = tiny_config(model_type) if model_type != "edgetam" or _has_timm() else None
+        if config is None:
+            continue
+        assert config.model_type == model_type and family_of(config) is member
+        assert member.model_class.config_class is type(config)
+    with pytest.raises(ValueError, match="Unsupported model type 'clipseg'.*SAM 2.1 \\('sam2'\\)"):
+        family_of("clipseg")
+
+
+def _has_timm() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_labels_and_boxes_follow_the_processor_on_a_non_square_image(member_dir):
+    """Labels land where the processor puts the object's pixels (padded or stretched), and boxes where the
+    processor's own box scaling puts them."""
+    model, processor = load_model_and_processor(str(member_dir))
+    geometry = family_of(model).geometry(model.config)
+    height, width, box = 90, 150, (30, 20, 89, 59)
+    image, instances = _rectangle_image(height, width, box)
+    row = {"image": [image], "label": [instances], "boxes": [[list(box)]], "row_index": [0]}
+    out = SamTransform(processor, train=False)(row)
+    label = out["labels"][0][0]
+    assert label.shape == (geometry.mask_side, geometry.mask_side)
+
+    # Independently: where the processor puts the white pixels, pooled down to the mask frame.
+    pixels = encode_images(processor.image_processor, image)["pixel_values"][0, 0]
+    white = (pixels > pixels.min() + (pixels.max() - pixels.min()) / 2).float()
+    pooled = F.interpolate(white[None, None], size=(geometry.mask_side,) * 2, mode="area")[0, 0]
+    inside, expected = label > 0.5, pooled > 0.5
+    iou = (inside & expected).sum() / (inside | expected).sum()
+    assert iou > 0.9, f"labels and image disagree: IoU {iou:.3f}"
+    if geometry.pads:
+        label_h, label_w = geometry.label_shape(height, width)
+        assert label_w == geometry.mask_side and label_h < geometry.mask_side  # aspect kept, padded below
+        assert label[label_h:].abs().max() == 0
+    else:
+        assert geometry.label_shape(height, width) == (geometry.mask_side,) * 2  # stretched like the image
+
+    theirs = processor(images=image, input_boxes=[[list(box)]], return_tensors="pt")["input_boxes"][0]
+    torch.testing.assert_close(out["input_boxes"][0], theirs.float(), atol=1e-3, rtol=0)
+
+
+def test_cached_features_give_the_full_forward(member_dir, nuclei_dir, tmp_path):
+    model, processor = load_model_and_processor(str(member_dir))
+    model.eval()
+    member = family_of(model)
+    ds = index_objects(load_source(str(nuclei_dir))["train"].select(range(2)))
+    cached = add_image_embeddings(ds, model, processor.image_processor, dtype="float32", cache_dir=str(tmp_path))
+    cached_batch = SamDataCollator()([cached.with_transform(SamTransform(processor, train=False))[i] for i in (0, 1)])
+    image_batch = SamDataCollator()([ds.with_transform(SamTransform(processor, train=False))[i] for i in (0, 1)])
+    levels = as_levels(cached_batch["image_embeddings"])
+    assert len(levels) == member.num_levels
+    assert len(as_levels(read_embedding(cached[0]))) == member.num_levels
+    with torch.no_grad():
+        from_cache = model(
+            **member.decoder_inputs(levels),
+            input_boxes=cached_batch["input_boxes"],
+            multimask_output=False,
+            **member.forward_kwargs,
+        )
+        full = model(
+            pixel_values=image_batch["pixel_values"],
+            input_boxes=image_batch["input_boxes"],
+            multimask_output=False,
+            **member.forward_kwargs,
+        )
+    torch.testing.assert_close(from_cache.pred_masks, full.pred_masks, atol=1e-4, rtol=1e-4)
+
+
+def test_same_flags_freeze_the_same_parts(member_dir):
+    model, _ = load_model_and_processor(str(member_dir))
+    member = family_of(model)
+    freeze_modules(model)
+    image = [p for _, p in member.parts(model, member.image_side)]
+    prompt = [p for _, p in member.parts(model, member.prompt_side)]
+    assert image and prompt and not any(p.requires_grad for p in image + prompt)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mask_decoder.") for n in trainable)
+    assert not any(n.startswith("vision_encoder.") for n in trainable)
+
+
+def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_path):
+    """A few steps through the training job, then every way users load and run the result."""
+    out = tmp_path / "run"
+    argv = [
+        "--model_name_or_path", str(member_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out),
+        "--max_steps", "3", "--per_device_train_batch_size", "2", "--max_train_samples", "4",
+        "--max_eval_samples", "2", "--max_objects_per_image", "4", "--eval_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", "--learning_rate", "1e-3", "--multimask_every", "2",
+        "--embedding_cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    run_training(*parse_args(argv))
+    member = family_of(json.loads((out / "config.json").read_text())["model_type"])
+    base = member.model_class.from_pretrained(member_dir)
+    tuned = member.model_class.from_pretrained(out)
+    assert type(tuned) is member.model_class
+    # The image side is bit-identical to the base; the decoder learned.
+    base_image, tuned_image = member.image_side_state(base), member.image_side_state(tuned)
+    assert base_image.keys() == tuned_image.keys()
+    assert all(torch.equal(base_image[k], tuned_image[k]) for k in base_image)
+    base_dec, tuned_dec = base.mask_decoder.state_dict(), tuned.mask_decoder.state_dict()
+    assert any(not torch.equal(base_dec[k], tuned_dec[k]) for k in base_dec)
+    if member.stability_selection:
+        assert tuned.config.mask_decoder_config.dynamic_multimask_via_stability is False
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0.0 <= results["eval_dice"] <= 1.0
+
+    image = np.asarray(Image.open(sorted((nuclei_dir / "images").glob("*.png"))[0]).convert("RGB"))
+    predictor = SamPredictor.from_pretrained(str(out))
+    prediction = predictor(image, boxes=[[10, 10, 60, 50]])
+    assert prediction.masks.shape == (1, 1, *image.shape[:2]) and prediction.masks.dtype == bool
+    assert prediction.logits.shape[-1] == predictor.geometry.mask_side
+
+    from transformers import pipeline
+
+    generator = pipeline("mask-generation", model=str(out))
+    generated = generator(Image.fromarray(image), points_per_crop=4, points_per_batch=16, pred_iou_thresh=0.0,
+                          stability_score_thresh=0.0)  # fmt: skip
+    assert all(np.asarray(m).shape == image.shape[:2] for m in generated["masks"])
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from sam_hf.serve import create_app, decode_rle
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    with TestClient(create_app(out)) as client:
+        response = client.post(
+            "/segment",
+            files={"image": ("i.png", buffer.getvalue(), "image/png")},
+            data={"prompts": json.dumps({"boxes": [[10, 10, 60, 50]]})},
+        )
+    assert response.status_code == 200, response.text
+    mask = decode_rle(response.json()["masks"][0][0])
+    np.testing.assert_array_equal(mask, prediction.masks[0, 0])
+
+
+def test_geometry_of_processors():
+    assert Geometry.of_processor(tiny_processor(tiny_config("sam"))) == Geometry(128, 32, pads=True)
+    assert Geometry.of_processor(tiny_processor(tiny_config("sam2"))) == Geometry(128, 32, pads=False)
+    g = Geometry(100, 25, pads=True)
+    assert g.resized(50, 200) == (25, 100) and g.label_shape(50, 200) == (6, 25)
+    assert Geometry(100, 25, pads=False).label_shape(50, 200) == (25, 25)
