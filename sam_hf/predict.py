@@ -46,7 +46,12 @@ PROMPT_KEYS = ("boxes", "points", "point_labels")
 class PredictArguments:
     """Inputs, prompts and outputs of `scripts/predict.py`."""
 
-    model: str = field(metadata={"help": "A sam_hf output dir, any saved SAM-family model dir (SAM, SAM-HQ, SAM 2.1, SAM 3 tracker, EdgeTAM), or a Hub id."})
+    model: str = field(
+        metadata={
+            "help": "A sam_hf output dir, any saved SAM-family model dir (SAM, SAM-HQ, SAM 2.1, SAM 3 tracker, "
+            "EdgeTAM), or a Hub id."
+        }
+    )
     images: str = field(metadata={"help": "One image file or a folder of images."})
     output_dir: str = field(default="predictions", metadata={"help": "Where masks, overlays and scores go."})
     boxes: str | None = field(
