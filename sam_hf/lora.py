@@ -133,7 +133,9 @@ def trained_modules(model: torch.nn.Module) -> list[str]:
         params = list(module.parameters())
         if not params or not any(p.requires_grad for p in params):
             return
-        if prefix and all(p.requires_grad for p in params):
+        # peft wraps modules that run (not ModuleList / ModuleDict containers): a container's children are named.
+        container = isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict))
+        if prefix and not container and all(p.requires_grad for p in params):
             names.append(prefix)
             return
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]

@@ -163,6 +163,18 @@ def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_pat
     results = json.loads((out / "all_results.json").read_text())
     assert 0.0 <= results["eval_dice"] <= 1.0
 
+    from sam_hf.config import DataArguments
+    from sam_hf.evaluation import EvaluateArguments, run_evaluation
+
+    summary = run_evaluation(
+        EvaluateArguments(
+            model=[f"base={member_dir}", f"tuned={out}"], output_dir=str(tmp_path / "eval"), num_figure_images=1
+        ),
+        DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=2),
+    )
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == json.loads(json.dumps(summary))
+    assert (tmp_path / "eval" / "base_vs_tuned.png").is_file()
+
     image = np.asarray(Image.open(sorted((nuclei_dir / "images").glob("*.png"))[0]).convert("RGB"))
     predictor = SamPredictor.from_pretrained(str(out))
     prediction = predictor(image, boxes=[[10, 10, 60, 50]])
@@ -201,3 +213,50 @@ def test_geometry_of_processors():
     g = Geometry(100, 25, pads=True)
     assert g.resized(50, 200) == (25, 100) and g.label_shape(50, 200) == (6, 25)
     assert Geometry(100, 25, pads=False).label_shape(50, 200) == (25, 25)
+
+
+@pytest.mark.parametrize("model_type", [t for t, m in FAMILY.items() if m.lora_target_modules])
+def test_default_lora_targets_are_image_encoder_attention(model_type):
+    from sam_hf.lora import resolve_target_modules
+
+    member = FAMILY[model_type]
+    model = member.model_class(tiny_config(model_type))
+    freeze_modules(model)
+    names = resolve_target_modules(model, list(member.lora_target_modules))
+    assert names and all(n.startswith("vision_encoder.") for n in names)
+
+
+@pytest.mark.parametrize("model_type", ["sam_hq", "sam2"])
+def test_lora_training_of_multi_level_members(model_type, nuclei_dir, tmp_path):
+    """Adapters on the encoder of members whose decoder reads several feature levels: the learning encoder runs once
+    for the box and the point pass, and the merged checkpoint loads with the family's own class."""
+    pytest.importorskip("peft")
+    import peft
+
+    member = FAMILY[model_type]
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    config = tiny_config(model_type)
+    member.model_class(config).save_pretrained(base_dir)
+    tiny_processor(config).save_pretrained(base_dir)
+    out = tmp_path / "run"
+    argv = [
+        "--model_name_or_path", str(base_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out),
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_train_samples", "2",
+        "--max_eval_samples", "1", "--max_objects_per_image", "4", "--eval_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", "--learning_rate", "1e-2", "--multimask_every", "1", "--lora_rank", "2",
+    ]  # fmt: skip
+    run_training(*parse_args(argv))
+    merged = member.model_class.from_pretrained(out).eval()
+    base_for_adapter = member.model_class.from_pretrained(base_dir)
+    member.prepare_for_training(base_for_adapter)  # the single-mask output the run trained, as the merged config says
+    adapted = peft.PeftModel.from_pretrained(base_for_adapter, out / "adapter").eval()
+    base = member.model_class.from_pretrained(base_dir)
+    vision = {k: v for k, v in merged.vision_encoder.state_dict().items()}
+    assert any(not torch.equal(v, base.vision_encoder.state_dict()[k]) for k, v in vision.items())
+    pixels = torch.rand(1, 3, *(member.geometry(config).image_size,) * 2)
+    boxes = torch.tensor([[[10.0, 10.0, 60.0, 50.0]]])
+    with torch.no_grad():
+        a = merged(pixel_values=pixels, input_boxes=boxes, multimask_output=False, **member.forward_kwargs)
+        b = adapted(pixel_values=pixels, input_boxes=boxes, multimask_output=False, **member.forward_kwargs)
+    torch.testing.assert_close(a.pred_masks, b.pred_masks, atol=1e-4, rtol=1e-4)
