@@ -219,6 +219,18 @@ class FamilyMember:
                 f"and {got.mask_side}-px masks{' with padding' if got.pads else ''}."
             )
 
+    def card_facts(self) -> dict[str, str]:
+        """What the model card's usage snippet and tags need."""
+        sizes = 'inputs["original_sizes"], inputs["reshaped_input_sizes"]' if self.pads else 'inputs["original_sizes"]'
+        return {
+            "family_name": self.name,
+            "model_type": self.model_type,
+            "model_class": self.model_class.__name__,
+            "processor_class": self.processor_class.__name__,
+            "post_process_sizes": sizes,
+            "forward_kwargs": "".join(f", {k}={v!r}" for k, v in self.forward_kwargs.items()),
+        }
+
     # --- parts ----------------------------------------------------------------------------------------------------
     def parts(self, model: torch.nn.Module, names: Sequence[str]) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """`(name, parameter)` of the named modules and parameters of `model`."""
@@ -508,6 +520,11 @@ FAMILY: dict[str, FamilyMember] = {
 }
 
 
+# Checkpoints of another model type whose promptable part a member's class loads: the full SAM 3 checkpoint
+# (`facebook/sam3`, model_type "sam3") holds the SAM 3 tracker, which `Sam3TrackerModel.from_pretrained` reads.
+ALIASES = {"sam3": "sam3_tracker"}
+
+
 def family_of(model_or_config: Any) -> FamilyMember:
     """The `FamilyMember` of a model, a config, or a `model_type` string (peft models are looked through)."""
     if isinstance(model_or_config, str):
@@ -515,6 +532,7 @@ def family_of(model_or_config: Any) -> FamilyMember:
     else:
         config = getattr(model_or_config, "config", model_or_config)
         model_type = getattr(config, "model_type", None)
+    model_type = ALIASES.get(model_type, model_type)
     if model_type not in FAMILY:
         raise ValueError(
             f"Unsupported model type {model_type!r}: sam_hf fine-tunes "

@@ -10,6 +10,8 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+from .family import family_of
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["check_hub_access", "model_card_template", "render_model_card"]
@@ -133,7 +135,8 @@ def render_model_card(trainer: Any, **info: Any) -> ModelCard:
     return ModelCard.from_template(
         card_data,
         model_id=args.hub_model_id or Path(args.output_dir).name,
-        model_summary=f"SAM fine-tuned with sam_hf from {info.get('base_model')} on {info.get('dataset_name')}. "
+        model_summary=f"{getattr(getattr(trainer, 'family', None), 'name', 'SAM')} fine-tuned with sam_hf from "
+        f"{info.get('base_model')} on {info.get('dataset_name')}. "
         "The full card could not be rendered; the run's metrics are in its *_results.json files.",
     )
 
@@ -155,7 +158,11 @@ def _render_full_card(trainer: Any, info: dict[str, Any]) -> ModelCard:
         for name, label in (("dice", "Dice"), ("iou", "IoU"))
         if (value := after.get(name)) is not None and dataset
     ]
+    family = getattr(trainer, "family", None) or family_of("sam")
+    facts = family.card_facts()
     tags = ["sam", "segment-anything", "mask-generation", "sam_hf", *(info.get("tags") or [])]
+    if facts["model_type"] not in tags:
+        tags.insert(1, facts["model_type"])
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="mask-generation",
@@ -189,4 +196,5 @@ def _render_full_card(trainer: Any, info: dict[str, Any]) -> ModelCard:
         figures=[name for name, _ in FIGURES if (Path(args.output_dir) / name).is_file()],
         figure_captions=dict(FIGURES),
         lora=info.get("lora"),
+        **facts,
     )

@@ -160,6 +160,9 @@ def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_pat
     assert any(not torch.equal(base_dec[k], tuned_dec[k]) for k in base_dec)
     if member.stability_selection:
         assert tuned.config.mask_decoder_config.dynamic_multimask_via_stability is False
+    card = (out / "README.md").read_text()
+    facts = member.card_facts()
+    assert f"model = {facts['model_class']}.from_pretrained" in card and facts["post_process_sizes"] in card
     results = json.loads((out / "all_results.json").read_text())
     assert 0.0 <= results["eval_dice"] <= 1.0
 
