@@ -120,6 +120,22 @@ class SamArguments:
             "--multimask_training prompts every object."
         },
     )
+    prompt_types: str = field(
+        default="box",
+        metadata={
+            "help": "Comma-separated prompt types of the first prediction, taken in turn one per training step: box "
+            "(the jittered box), point (one random interior point), box+point. Evaluation always uses exact boxes."
+        },
+    )
+    num_correction_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "Interactive training (the SAM paper's recipe): after the first prediction, this many rounds each "
+            "add one click per object from its larger error region (positive where the mask missed, negative where "
+            "it spilled over) and feed the previous low-resolution logits back as the mask prompt; the losses of "
+            "all rounds are summed. 0: one prediction per object."
+        },
+    )
     iou_loss_weight: float = field(
         default=1.0,
         metadata={
@@ -205,6 +221,11 @@ class SamArguments:
             raise ValueError(f"--embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}.")
         if self.multimask_every < 0:
             raise ValueError(f"--multimask_every must be >= 0 (0 turns it off), got {self.multimask_every}.")
+        from .interactive import parse_prompt_types
+
+        parse_prompt_types(self.prompt_types)
+        if self.num_correction_rounds < 0:
+            raise ValueError(f"--num_correction_rounds must be >= 0, got {self.num_correction_rounds}.")
         if self.iou_loss_weight < 0:
             raise ValueError(f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}.")
         if self.box_jitter < 0:
