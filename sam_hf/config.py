@@ -55,6 +55,18 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    tile_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cut large images into square tiles of this many pixels for training and evaluation "
+            "(sam_hf.tiling); objects cut by a tile edge stay objects of the tile when --tile_min_visible of them "
+            "is inside, smaller fragments become background there."
+        },
+    )
+    tile_overlap: int = field(default=0, metadata={"help": "With --tile_size: overlap of neighbouring tiles, px."})
+    tile_min_visible: float = field(
+        default=0.5, metadata={"help": "With --tile_size: fraction of an object a tile must hold to keep it."}
+    )
     streaming: bool = field(
         default=False,
         metadata={
@@ -72,6 +84,18 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.tile_size is not None:
+            if self.tile_size < 16 or not 0 <= self.tile_overlap < self.tile_size:
+                raise ValueError(
+                    f"--tile_size must be >= 16 and 0 <= --tile_overlap < --tile_size, got {self.tile_size} and "
+                    f"{self.tile_overlap}."
+                )
+            if not 0 < self.tile_min_visible <= 1:
+                raise ValueError(f"--tile_min_visible must be in (0, 1], got {self.tile_min_visible}.")
+            if self.streaming:
+                raise ValueError(
+                    "--tile_size cuts a dataset held on disk into tiles; it does not work with --streaming."
+                )
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"--mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}.")
         if not 0 <= self.validation_split_percentage < 100:

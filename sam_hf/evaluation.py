@@ -543,6 +543,13 @@ def load_split(data_args: DataArguments, split: str, seed: int, cache_dir: str |
     limit = data_args.max_eval_samples if split == "eval" else data_args.max_train_samples
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
+    if data_args.tile_size:
+        from .tiling import tile_dataset
+
+        ds = tile_dataset(
+            ds, data_args.tile_size, data_args.tile_overlap, data_args.tile_min_visible, data_args.mask_type, split
+        )
+        data_args.mask_type = "instance"
     return index_objects(ds, data_args.mask_type, split, data_args.preprocessing_num_workers)
 
 
