@@ -763,7 +763,7 @@ def plot_interactive_curve(interactive: Mapping[str, Any], title: str | None = N
     """
     models = interactive["models"]
     clicks = np.arange(interactive["num_clicks"] + 1)
-    fig = _new_figure(6.5, 3.8)
+    fig = _new_figure(8.5, 3.8)
     ax = fig.subplots()
     colors = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")
     for (name, by_start), color in zip(models.items(), colors * (len(models) // len(colors) + 1)):
@@ -779,7 +779,8 @@ def plot_interactive_curve(interactive: Mapping[str, Any], title: str | None = N
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(fontsize=8, loc="lower right")
+    # Beside the panel, where it can hide no curve wherever the scores lie.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return fig
 
 
