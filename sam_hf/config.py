@@ -55,6 +55,18 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation images."})
+    tile_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cut large images into square tiles of this many pixels for training and evaluation "
+            "(sam_hf.tiling); objects cut by a tile edge stay objects of the tile when --tile_min_visible of them "
+            "is inside, smaller fragments become background there."
+        },
+    )
+    tile_overlap: int = field(default=0, metadata={"help": "With --tile_size: overlap of neighbouring tiles, px."})
+    tile_min_visible: float = field(
+        default=0.5, metadata={"help": "With --tile_size: fraction of an object a tile must hold to keep it."}
+    )
     streaming: bool = field(
         default=False,
         metadata={
@@ -72,6 +84,18 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.tile_size is not None:
+            if self.tile_size < 16 or not 0 <= self.tile_overlap < self.tile_size:
+                raise ValueError(
+                    f"--tile_size must be >= 16 and 0 <= --tile_overlap < --tile_size, got {self.tile_size} and "
+                    f"{self.tile_overlap}."
+                )
+            if not 0 < self.tile_min_visible <= 1:
+                raise ValueError(f"--tile_min_visible must be in (0, 1], got {self.tile_min_visible}.")
+            if self.streaming:
+                raise ValueError(
+                    "--tile_size cuts a dataset held on disk into tiles; it does not work with --streaming."
+                )
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"--mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}.")
         if not 0 <= self.validation_split_percentage < 100:
@@ -118,6 +142,22 @@ class SamArguments:
             "predictions, which pipeline('mask-generation') uses, working while the shared decoder layers tune, for "
             "about 1/N of a decoder pass. 0 turns it off (box prompts only; the multimask outputs are frozen). "
             "--multimask_training prompts every object."
+        },
+    )
+    prompt_types: str = field(
+        default="box",
+        metadata={
+            "help": "Comma-separated prompt types of the first prediction, taken in turn one per training step: box "
+            "(the jittered box), point (one random interior point), box+point. Evaluation always uses exact boxes."
+        },
+    )
+    num_correction_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "Interactive training (the SAM paper's recipe): after the first prediction, this many rounds each "
+            "add one click per object from its larger error region (positive where the mask missed, negative where "
+            "it spilled over) and feed the previous low-resolution logits back as the mask prompt; the losses of "
+            "all rounds are summed. 0: one prediction per object."
         },
     )
     iou_loss_weight: float = field(
@@ -205,6 +245,11 @@ class SamArguments:
             raise ValueError(f"--embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}.")
         if self.multimask_every < 0:
             raise ValueError(f"--multimask_every must be >= 0 (0 turns it off), got {self.multimask_every}.")
+        from .interactive import parse_prompt_types
+
+        parse_prompt_types(self.prompt_types)
+        if self.num_correction_rounds < 0:
+            raise ValueError(f"--num_correction_rounds must be >= 0, got {self.num_correction_rounds}.")
         if self.iou_loss_weight < 0:
             raise ValueError(f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}.")
         if self.box_jitter < 0:

@@ -30,6 +30,7 @@ from .cache import image_side_fingerprint, read_embedding
 from .config import DataArguments
 from .data import index_objects, jitter_boxes, load_source, mask_to_instances, split_source, to_rgb_array
 from .inference import SamPredictor
+from .interactive import interactive_curve
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,19 @@ class EvaluateArguments:
     stability_score_thresh: float = field(
         default=0.95, metadata={"help": "Automatic mode: keep masks at least this stable (pipeline default)."}
     )
+    interactive_clicks: int = field(
+        default=0,
+        metadata={
+            "help": "Also simulate interactive correction (0: off): per object, Dice after the first prompt (an exact "
+            "box, and separately one click at the object's innermost pixel) and after each of this many correction "
+            "clicks at the innermost pixel of the larger error region, the previous logits fed back as mask prompt. "
+            "Writes interactive_curve.png."
+        },
+    )
+    interactive_max_objects: int = field(
+        default=16,
+        metadata={"help": "Interactive mode: objects per image (the first ones), to bound its cost."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Hub download cache."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models or data; never logged."})
 
@@ -97,6 +111,11 @@ class EvaluateArguments:
             raise ValueError("Give at least one --model (name=path_or_hub_id).")
         if self.split not in ("eval", "train"):
             raise ValueError(f"--split must be 'eval' or 'train', got {self.split!r}.")
+        if self.interactive_clicks < 0 or self.interactive_max_objects < 1:
+            raise ValueError(
+                f"--interactive_clicks must be >= 0 and --interactive_max_objects >= 1, got {self.interactive_clicks} "
+                f"and {self.interactive_max_objects}."
+            )
         if self.box_jitter < 0:
             raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
 
@@ -265,6 +284,45 @@ def evaluate_models(
         sample["dice"] = {m: np.array([o["dice"][m] for o in objects[offset : offset + k]]) for m in predictors}
         offset += sample.pop("num_objects")
     return {"objects": objects, "figure_samples": samples}
+
+
+def evaluate_interactive(
+    predictors: dict[str, SamPredictor],
+    dataset: datasets.Dataset,
+    num_clicks: int,
+    mask_type: str = "auto",
+    max_objects_per_image: int = 16,
+) -> dict[str, Any]:
+    """Mean Dice after the first prompt and after each correction click, per model and first prompt (`box`,
+    `point`), as `sam_hf.interactive.interactive_curve` simulates a user.
+
+    Returns:
+        `{"num_clicks": N, "num_objects": n, "models": {name: {"box": [N + 1 means], "point": [...]}}}`.
+    """
+    if num_clicks < 1:
+        raise ValueError(f"num_clicks must be >= 1, got {num_clicks}.")
+    curves: dict[str, dict[str, list[list[float]]]] = {name: {"box": [], "point": []} for name in predictors}
+    for idx in tqdm(range(len(dataset)), desc="Interactive evaluation", unit="image"):
+        row = dataset[idx]
+        image = to_rgb_array(row["image"])
+        instances = mask_to_instances(row["label"], mask_type)
+        boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)[:max_objects_per_image]
+        for name, predictor in predictors.items():
+            predictor.set_image(image)
+            for k, box in enumerate(boxes):
+                target = instances == k + 1
+                curves[name]["box"].append(interactive_curve(predictor, target, box, num_clicks))
+                curves[name]["point"].append(interactive_curve(predictor, target, None, num_clicks))
+    n = len(next(iter(curves.values()))["box"])
+    return {
+        "num_clicks": num_clicks,
+        "num_objects": n,
+        "max_objects_per_image": max_objects_per_image,
+        "models": {
+            name: {start: np.mean(np.asarray(c), axis=0).tolist() for start, c in by_start.items()}
+            for name, by_start in curves.items()
+        },
+    }
 
 
 def _best_ious(generated: Any, instances: np.ndarray, num_objects: int) -> tuple[np.ndarray, int, int]:
@@ -451,6 +509,20 @@ def to_markdown(summary: dict[str, Any]) -> str:
                 f"| {name} | {a['num_masks']} | {a['mean_best_iou']:.4f} | {a['recall@0.5']:.4f} | "
                 f"{a['precision@0.5']:.4f} |"
             )
+    if "interactive" in summary:
+        inter = summary["interactive"]
+        clicks = range(inter["num_clicks"] + 1)
+        lines += [
+            "",
+            f"Interactive correction ({inter['num_objects']} objects, at most {inter['max_objects_per_image']} per "
+            "image): mean Dice after the first prompt and each correction click.",
+            "",
+            "| model | first prompt | " + " | ".join(f"{c} click{'s' if c != 1 else ''}" for c in clicks) + " |",
+            "|---|---|" + "---|" * len(clicks),
+        ]
+        for name, by_start in inter["models"].items():
+            for start, values in by_start.items():
+                lines.append(f"| {name} | {start} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -471,6 +543,13 @@ def load_split(data_args: DataArguments, split: str, seed: int, cache_dir: str |
     limit = data_args.max_eval_samples if split == "eval" else data_args.max_train_samples
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
+    if data_args.tile_size:
+        from .tiling import tile_dataset
+
+        ds = tile_dataset(
+            ds, data_args.tile_size, data_args.tile_overlap, data_args.tile_min_visible, data_args.mask_type, split
+        )
+        data_args.mask_type = "instance"
     return index_objects(ds, data_args.mask_type, split, data_args.preprocessing_num_workers)
 
 
@@ -520,8 +599,18 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
             "pred_iou_thresh": eval_args.pred_iou_thresh,
             "stability_score_thresh": eval_args.stability_score_thresh,
         }
+    if eval_args.interactive_clicks:
+        summary["interactive"] = evaluate_interactive(
+            predictors,
+            dataset,
+            eval_args.interactive_clicks,
+            mask_type=data_args.mask_type,
+            max_objects_per_image=eval_args.interactive_max_objects,
+        )
     out = Path(eval_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if "interactive" in summary:
+        _save_interactive_figure(summary["interactive"], out / "interactive_curve.png")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "metrics.md").write_text(to_markdown(summary))
     with open(out / "per_object.jsonl", "w") as f:
@@ -531,6 +620,15 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
         _save_figure(result["figure_samples"], out / ("base_vs_tuned.png" if len(models) > 1 else "predictions.png"))
     logger.info("Wrote %s", ", ".join(str(p) for p in sorted(out.iterdir())))
     return summary
+
+
+def _save_interactive_figure(interactive: dict[str, Any], path: Path) -> None:
+    try:
+        from .viz import plot_interactive_curve, save_figure
+
+        save_figure(plot_interactive_curve(interactive), path)
+    except Exception as err:  # an optional figure never fails an evaluation
+        logger.warning("Skipping %s: %s: %s", path.name, type(err).__name__, err)
 
 
 def _save_figure(samples: list[dict[str, Any]], path: Path) -> None:

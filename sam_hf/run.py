@@ -26,10 +26,12 @@ from .config import DataArguments, ModelArguments, SamArguments
 from .data import SamDataCollator, SamTransform, index_objects, load_source, split_source
 from .family import family_of
 from .hub import FIGURES, check_hub_access
+from .interactive import parse_prompt_types
 from .lora import add_lora_adapters, lora_card_info
 from .loss import SamDiceCELoss
 from .metrics import compute_metrics
 from .modeling import count_parameters, freeze_modules, freeze_unused_decoder_outputs, load_model_and_processor
+from .tiling import tile_dataset
 from .trainer import PromptEpochCallback, SamTrainer
 
 logger = logging.getLogger(__name__)
@@ -173,6 +175,34 @@ def loss_description(sam_args: SamArguments) -> str:
             + ("" if every == 1 else ", summed over those objects and divided by the number of box-prompted objects")
         )
     return text + "."
+
+
+def tile_splits(train_ds, eval_ds, data_args: DataArguments):
+    """Both splits cut into tiles (`sam_hf.tiling`); the tiles' labels are instance maps from then on."""
+    kwargs = {
+        "tile_size": data_args.tile_size,
+        "tile_overlap": data_args.tile_overlap,
+        "min_visible": data_args.tile_min_visible,
+        "mask_type": data_args.mask_type,
+    }
+    train_ds = tile_dataset(train_ds, split_name="train", **kwargs)
+    eval_ds = tile_dataset(eval_ds, split_name="eval", **kwargs) if eval_ds is not None else None
+    data_args.mask_type = "instance"
+    return train_ds, eval_ds
+
+
+def interactive_recipe(sam_args: SamArguments) -> str:
+    """The model card's words for `--prompt_types` and `--num_correction_rounds` (empty for the default)."""
+    types = parse_prompt_types(sam_args.prompt_types)
+    text = ""
+    if types != ("box",):
+        text += f" First prompts taken in turn per step: {', '.join(types)} (points drawn inside each object)."
+    if sam_args.num_correction_rounds:
+        text += (
+            f" Interactive training: {sam_args.num_correction_rounds} correction round(s), each adding one click "
+            "from the larger error region and the previous logits as mask prompt; losses summed over rounds."
+        )
+    return text
 
 
 def multimask_stride(sam_args: SamArguments) -> int:
@@ -494,6 +524,8 @@ def run_training(
                 train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
             if eval_ds is not None and data_args.max_eval_samples is not None:
                 eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
+            if data_args.tile_size:
+                train_ds, eval_ds = tile_splits(train_ds, eval_ds, data_args)
         train_ds = index_objects(train_ds, data_args.mask_type, "train", data_args.preprocessing_num_workers)
         if eval_ds is not None:
             eval_ds = index_objects(eval_ds, data_args.mask_type, "eval", data_args.preprocessing_num_workers)
@@ -527,7 +559,7 @@ def run_training(
         max_objects_per_image=sam_args.max_objects_per_image,
         mask_type=data_args.mask_type,
         seed=training_args.seed,
-        point_prompts=bool(multimask_every),
+        point_prompts=bool(multimask_every) or "point" in sam_args.prompt_types,
     )
     if isinstance(train_ds, datasets.IterableDataset):
         # Rows are transformed as they stream in (in the dataloader workers), batched like with_transform.
@@ -565,7 +597,8 @@ def run_training(
         "iou_head_trained": bool(multimask_every) or sam_args.iou_loss_weight > 0,
         "prompt_recipe": f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training "
         f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
-        f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact.",
+        f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact."
+        + interactive_recipe(sam_args),
         "box_baseline_dice": box_baseline,
     }
     callbacks = []
@@ -589,8 +622,10 @@ def run_training(
         loss_fn=SamDiceCELoss(sam_args.lambda_dice, sam_args.lambda_ce),
         card_info=card_info,
         iou_loss_weight=sam_args.iou_loss_weight,
-        multimask_every=multimask_every or 1,
+        multimask_every=multimask_every,
         lora_merge=sam_args.lora_merge,
+        prompt_types=parse_prompt_types(sam_args.prompt_types),
+        num_correction_rounds=sam_args.num_correction_rounds,
     )
 
     if isinstance(train_ds, datasets.IterableDataset):

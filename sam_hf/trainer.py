@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .family import Geometry, as_levels, family_of
+from .interactive import correction_clicks, parse_prompt_types
 from .loss import SamDiceCELoss, iou_prediction_loss, multimask_loss
 from .metrics import object_stats
 
@@ -117,6 +118,8 @@ class SamTrainer(Trainer):
         iou_loss_weight: float = 1.0,
         multimask_every: int = 1,
         lora_merge: bool = True,
+        prompt_types: tuple[str, ...] = ("box",),
+        num_correction_rounds: int = 0,
         **kwargs: Any,
     ):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -137,12 +140,17 @@ class SamTrainer(Trainer):
         self.eval_chunk_size = eval_chunk_size
         self.card_info = card_info or {}
         self.iou_loss_weight = iou_loss_weight
-        if multimask_every < 1:
-            raise ValueError(f"multimask_every must be >= 1, got {multimask_every}.")
+        if multimask_every < 0:
+            raise ValueError(f"multimask_every must be >= 0 (0: no multimask pass), got {multimask_every}.")
         self.multimask_every = multimask_every
+        self.prompt_types = parse_prompt_types(prompt_types)
+        if num_correction_rounds < 0:
+            raise ValueError(f"num_correction_rounds must be >= 0, got {num_correction_rounds}.")
+        self.num_correction_rounds = num_correction_rounds
         self.lora_merge = lora_merge
         # What differs between SAM, SAM-HQ and SAM 2-style models (image features, decoder call, mask geometry).
         self.family = family_of(self.accelerator.unwrap_model(self.model))
+        self.geometry = self.family.geometry(self.accelerator.unwrap_model(self.model).config)
         # The loss below is normalised by `num_items_in_batch`; this makes the Trainer count it.
         self.model_accepts_loss_kwargs = True
         self.add_callback(FiniteGradientCallback())
@@ -156,37 +164,50 @@ class SamTrainer(Trainer):
             return self.family.decoder_inputs(as_levels(inputs["image_embeddings"]))
         return {"pixel_values": inputs["pixel_values"]}
 
-    def _forward(self, model: torch.nn.Module, inputs: dict[str, Any], **kwargs: Any):
-        """The box-prompted call: the model gets only the inputs it uses (its forward ignores unknown keys)."""
-        return model(
-            **self._image_inputs(inputs), input_boxes=inputs["input_boxes"], **self.family.forward_kwargs, **kwargs
-        )
+    def _forward(self, model: torch.nn.Module, inputs: dict[str, Any], kind: str = "box", **kwargs: Any):
+        """The first prompted call (`kind`: box, point or box+point): the model gets only the inputs it uses (its
+        forward ignores unknown keys)."""
+        prompts = {}
+        if "box" in kind:
+            prompts["input_boxes"] = inputs["input_boxes"]
+        if "point" in kind:
+            prompts["input_points"], prompts["input_labels"] = inputs["input_points"], inputs["input_labels"]
+        return model(**self._image_inputs(inputs), **prompts, **self.family.forward_kwargs, **kwargs)
+
+    def prompt_kind(self, training: bool) -> str:
+        """The prompt type of this training step: `prompt_types` in turn, one per step; evaluation uses boxes."""
+        return self.prompt_types[self.state.global_step % len(self.prompt_types)] if training else "box"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        multimask = "input_points" in inputs and model.training
-        point_image, hook = None, None  # point_image: what the point-prompted call gets instead of pixel_values
-        if multimask and "pixel_values" in inputs:
+        multimask = bool(self.multimask_every) and "input_points" in inputs and model.training
+        rounds = self.num_correction_rounds if model.training else 0
+        kind = self.prompt_kind(model.training)
+        reused, hook = None, None  # reused: image features the later decoder calls get instead of pixel_values
+        if (multimask or rounds) and "pixel_values" in inputs:
             unwrapped = self.accelerator.unwrap_model(model)
             vision = self.family.vision_encoder(unwrapped)
             if not any(p.requires_grad for p in vision.parameters()):
-                # Two decoder calls follow; run the frozen encoder once for both (no gradient flows through it).
+                # Several decoder calls follow; run the frozen encoder once for all (no gradient flows through it).
                 with torch.no_grad():
                     features = self.family.encode(unwrapped, inputs["pixel_values"])
                 inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
                 inputs["image_embeddings"] = list(features) if len(features) > 1 else features[0]
             else:
                 # A learning encoder (LoRA, unfrozen): keep the features of the first call, through the (possibly
-                # distributed) model, and give them to the second, so the encoder runs once and both losses reach it.
+                # distributed) model, and give them to the later ones, so the encoder runs once and every loss
+                # reaches it.
                 captured: list[Any] = []
                 hook = vision.register_forward_hook(lambda module, args, output: captured.append(output))
         try:
-            outputs = self._forward(model, inputs, multimask_output=False)
+            outputs = self._forward(model, inputs, kind, multimask_output=False)
         finally:
             if hook is not None:
                 hook.remove()
         if hook is not None:
-            point_image = self.family.decoder_inputs(self.family.capture(captured[-1], outputs))
+            reused = self.family.capture(captured[-1], outputs)
+        elif "image_embeddings" in inputs:
+            reused = as_levels(inputs["image_embeddings"])
         logits = outputs.pred_masks[:, :, 0]
         loss, n_objects = self.loss_fn(logits, labels)
         if self.iou_loss_weight:
@@ -205,7 +226,7 @@ class SamTrainer(Trainer):
                 # process still reaches the same parameters (DistributedDataParallel waits for their gradients).
                 chosen, point_labels = slice(0, 1), torch.full_like(labels[:, :1], -100)
             point_outputs = model(
-                **(point_image or self._image_inputs(inputs)),
+                **(self.family.decoder_inputs(reused) if reused is not None else self._image_inputs(inputs)),
                 input_points=inputs["input_points"][:, chosen],
                 input_labels=inputs["input_labels"][:, chosen],
                 multimask_output=True,
@@ -218,6 +239,8 @@ class SamTrainer(Trainer):
             # chosen objects divided by the objects of the whole accumulation window, which gradient accumulation
             # does not change. With every object chosen, it is the mean best-of-3 and IoU loss.
             loss = loss + (mask_sum + self.iou_loss_weight * iou_sum) / max(n_objects, 1)
+        if rounds:
+            loss = loss + self.correction_loss(model, inputs, reused, logits, labels, kind, rounds)
         if model.training and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Non-finite training loss ({loss.item()}) at step {self.state.global_step}: stopping before a NaN "
@@ -230,6 +253,58 @@ class SamTrainer(Trainer):
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def correction_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        features: tuple[torch.Tensor, ...],
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        kind: str,
+        rounds: int,
+    ) -> torch.Tensor:
+        """The summed loss of `rounds` correction rounds (`sam_hf.interactive`).
+
+        Each round adds one click per object, drawn from its larger error region, to the prompts so far and feeds the
+        previous round's low-resolution logits (detached) back as the mask prompt. SAM's prompt encoder takes one mask
+        per image, so each object is decoded as its own image: the features are repeated per object.
+        """
+        b, k, m = labels.shape[0], labels.shape[1], labels.shape[-1]
+        image = self.family.decoder_inputs(tuple(f.repeat_interleave(k, dim=0) for f in features))
+        prompts: dict[str, torch.Tensor] = {}
+        if "box" in kind:
+            prompts["input_boxes"] = inputs["input_boxes"].reshape(b * k, 1, 4)
+        points = inputs["input_points"].reshape(b * k, 1, -1, 2) if "point" in kind else None
+        point_labels = inputs["input_labels"].reshape(b * k, 1, -1) if "point" in kind else None
+        flat_labels = labels.reshape(b * k, m, m)
+        previous = logits.detach().reshape(b * k, m, m)
+        generator = torch.Generator(device=logits.device)
+        generator.manual_seed(hash((self.args.seed, self.state.global_step, self.args.process_index)) % 2**63)
+        total = logits.sum() * 0.0
+        for _ in range(rounds):
+            click, positive = correction_clicks(previous, flat_labels, self.geometry.image_size, generator)
+            click, positive = click[:, None, None].to(logits.dtype), positive[:, None, None]
+            points = click if points is None else torch.cat([points, click], dim=2)
+            point_labels = positive if point_labels is None else torch.cat([point_labels, positive], dim=2)
+            out = model(
+                **image,
+                **prompts,
+                input_points=points,
+                input_labels=point_labels,
+                input_masks=previous[:, None],
+                multimask_output=False,
+                **self.family.forward_kwargs,
+            )
+            round_logits = out.pred_masks[:, 0, 0].reshape(b, k, m, m)
+            loss, _ = self.loss_fn(round_logits, labels)
+            if self.iou_loss_weight:
+                loss = loss + self.iou_loss_weight * iou_prediction_loss(
+                    round_logits, out.iou_scores[:, 0, 0].reshape(b, k), labels
+                )
+            total = total + loss
+            previous = round_logits.detach().reshape(b * k, m, m)
+        return total
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

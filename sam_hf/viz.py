@@ -63,6 +63,7 @@ __all__ = [
     "plot_automatic_masks",
     "plot_base_vs_tuned",
     "plot_ground_truth",
+    "plot_interactive_curve",
     "plot_loss_curves",
     "runs_table_markdown",
     "save_figure",
@@ -750,6 +751,37 @@ def _style(ax: Axes, title: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
+
+
+def plot_interactive_curve(interactive: Mapping[str, Any], title: str | None = None) -> Figure:
+    """Mean Dice against correction clicks, one line per model and first prompt (box: solid, point: dashed).
+
+    Args:
+        interactive: the `interactive` entry of `scripts/evaluate.py`'s `metrics.json`
+            (`sam_hf.evaluation.evaluate_interactive`).
+        title (`str`, *optional*): figure title.
+    """
+    models = interactive["models"]
+    clicks = np.arange(interactive["num_clicks"] + 1)
+    fig = _new_figure(8.5, 3.8)
+    ax = fig.subplots()
+    colors = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")
+    for (name, by_start), color in zip(models.items(), colors * (len(models) // len(colors) + 1)):
+        for start, style in (("box", "o-"), ("point", "s--")):
+            if start in by_start:
+                ax.plot(
+                    clicks, by_start[start], style, color=color, markersize=4, label=f"{name}, first prompt: {start}"
+                )
+    ax.set_title(title or f"interactive correction ({interactive['num_objects']} objects)", fontsize=10)
+    ax.set_xlabel("correction clicks after the first prompt")
+    ax.set_ylabel("mean Dice")
+    ax.set_xticks(clicks)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    # Beside the panel, where it can hide no curve wherever the scores lie.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    return fig
 
 
 def has_loss_curves(trainer_state: str | os.PathLike | Mapping[str, Any]) -> bool:

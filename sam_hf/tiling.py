@@ -1,0 +1,239 @@
+"""Large images as tiles: training and evaluation rows cut into overlapping tiles, and prediction on tiles.
+
+Training on tiles (`--tile_size`, `--tile_overlap`): each image and its instance map are cut into square tiles that
+overlap by `tile_overlap` pixels. The last tile of each row and column is aligned with the image edge. An image no
+larger than a tile stays whole. The tile edges cut some objects, and each cut object is handled explicitly:
+
+- an object whose visible part in the tile holds at least `min_visible` of its area stays an object of that tile.
+  Its prompt box and label are the visible part;
+- a smaller fragment is removed from the tile's objects: its pixels become background in that tile's instance map.
+  Another tile (they overlap) holds more of it.
+
+The counts of whole, cut-and-kept and dropped fragments are logged per split.
+
+Prediction on tiles (`TiledPredictor`): each prompt is decoded on the tile that contains it with the widest margin,
+and its mask is pasted back into the full image. A prompt that fits in no tile is decoded on the whole image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from .data import mask_to_instances, to_rgb_array
+from .inference import SamPrediction, validate_prompts
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TiledPredictor", "tile_dataset", "tile_origins"]
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets along one axis: a stride of `tile - overlap`, the last tile ending at the edge."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] != size - tile:
+        starts.append(size - tile)
+    return starts
+
+
+def tile_origins(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """`(y0, x0)` of every tile of an image, row by row."""
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"Expected tile_size >= 1 and 0 <= tile_overlap < tile_size, got {tile} and {overlap}.")
+    return [(y, x) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
+
+
+def _tile_instances(crop: np.ndarray, areas: np.ndarray, min_visible: float, counts: Counter) -> np.ndarray:
+    """The tile's instance map, renumbered 1..n, without fragments below `min_visible` of their object."""
+    ids, visible = np.unique(crop[crop > 0], return_counts=True)
+    out = np.zeros(crop.shape, np.uint16)
+    kept = 0
+    for obj, n in zip(ids, visible):
+        fraction = n / areas[obj]
+        if fraction >= min_visible:
+            kept += 1
+            out[crop == obj] = kept
+            counts["whole" if n == areas[obj] else "cut_kept"] += 1
+        else:
+            counts["cut_dropped"] += 1
+    return out
+
+
+def tile_dataset(
+    ds: datasets.Dataset,
+    tile_size: int,
+    tile_overlap: int = 0,
+    min_visible: float = 0.5,
+    mask_type: str = "auto",
+    split_name: str = "train",
+) -> datasets.Dataset:
+    """Cut every row (`image`, `label`) into tiles; the labels become instance maps (`mask_type="instance"`).
+
+    Args:
+        ds (`datasets.Dataset`): rows with `image` and `label` (and optionally `file_name`).
+        tile_size (`int`): side of the square tiles, in pixels.
+        tile_overlap (`int`, *optional*, defaults to 0): overlap of neighbouring tiles, in pixels.
+        min_visible (`float`, *optional*, defaults to 0.5): a cut object stays an object of a tile when at least
+            this fraction of its area lies inside it.
+        mask_type (`str`, *optional*, defaults to `"auto"`): how the labels become objects (`mask_to_instances`).
+        split_name (`str`): for logs.
+
+    Returns:
+        A dataset with one row per tile: `image`, `label` (uint16 instance map) and `file_name`
+        (`<name>@y<y0>x<x0>`).
+    """
+    if not 0 < min_visible <= 1:
+        raise ValueError(f"--tile_min_visible must be in (0, 1], got {min_visible}.")
+    columns = ds.column_names
+
+    def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"image": [], "label": [], "file_name": [], "_tile_counts": []}
+        for row, index in enumerate(indices):
+            name = batch["file_name"][row] if "file_name" in batch else str(index)
+            image = to_rgb_array(batch["image"][row])
+            instances = mask_to_instances(batch["label"][row], mask_type)
+            if instances.shape != image.shape[:2]:
+                raise ValueError(
+                    f"{split_name} row {index} ({name}): image {image.shape[:2]} and mask {instances.shape} differ."
+                )
+            areas = np.bincount(instances.ravel())
+            for y0, x0 in tile_origins(*instances.shape, tile_size, tile_overlap):
+                counts: Counter = Counter()
+                crop = instances[y0 : y0 + tile_size, x0 : x0 + tile_size]
+                # PIL images, so that datasets stores them as they are (16-bit PNG labels, 8-bit RGB tiles).
+                out["label"].append(Image.fromarray(_tile_instances(crop, areas, min_visible, counts)))
+                out["image"].append(Image.fromarray(image[y0 : y0 + tile_size, x0 : x0 + tile_size]))
+                out["file_name"].append(f"{name}@y{y0}x{x0}")
+                out["_tile_counts"].append([counts["whole"], counts["cut_kept"], counts["cut_dropped"]])
+        return out
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.Image(),
+            "file_name": datasets.Value("string"),
+            "_tile_counts": datasets.List(datasets.Value("int64"), length=3),
+        }
+    )
+    tiled = ds.map(
+        cut,
+        with_indices=True,
+        batched=True,
+        batch_size=8,
+        remove_columns=columns,
+        features=features,
+        desc=f"Cutting tiles ({split_name})",
+    )
+    whole, kept, dropped = np.asarray(tiled["_tile_counts"], np.int64).reshape(-1, 3).sum(0).tolist()
+    logger.info(
+        "Split %r: %d images -> %d tiles of %d px (overlap %d); objects per tile: %d whole, %d cut by the tile edge "
+        "and kept (at least %.0f%% visible), %d fragments dropped",
+        split_name,
+        len(ds),
+        len(tiled),
+        tile_size,
+        tile_overlap,
+        whole,
+        kept,
+        100 * min_visible,
+        dropped,
+    )
+    return tiled.remove_columns("_tile_counts")
+
+
+class TiledPredictor:
+    """A `SamPredictor` over the tiles of a large image: each prompt is decoded on one tile and pasted back.
+
+    Args:
+        predictor (`SamPredictor`): the model.
+        tile_size (`int`) / tile_overlap (`int`): the tiling, as in training.
+
+    `set_image` keeps the image; `predict` encodes each tile that a prompt needs (once per image and tile) and
+    returns masks at the full image's resolution. The logits it returns are those of each prompt's tile, so they
+    cannot be fed back as `mask_input`.
+    """
+
+    def __init__(self, predictor: Any, tile_size: int, tile_overlap: int = 0):
+        self.predictor = predictor
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap
+        self.image: np.ndarray | None = None
+        self._encoded: tuple[int, int] | None = None
+
+    def set_image(self, image: Any) -> None:
+        self.image = to_rgb_array(image)
+        self._encoded = None
+
+    def _use_tile(self, origin: tuple[int, int] | None) -> tuple[int, int]:
+        if origin != self._encoded:
+            if origin is None:
+                self.predictor.set_image(self.image)
+            else:
+                y0, x0 = origin
+                self.predictor.set_image(self.image[y0 : y0 + self.tile_size, x0 : x0 + self.tile_size])
+            self._encoded = origin
+        return origin or (0, 0)
+
+    def choose_tile(self, extent: np.ndarray) -> tuple[int, int] | None:
+        """The tile holding the xyxy `extent` with the widest margin, or `None` when no tile holds it."""
+        height, width = self.image.shape[:2]
+        best, best_margin = None, -1.0
+        for y0, x0 in tile_origins(height, width, self.tile_size, self.tile_overlap):
+            y1, x1 = min(y0 + self.tile_size, height), min(x0 + self.tile_size, width)
+            margin = min(extent[0] - x0, extent[1] - y0, x1 - 1 - extent[2], y1 - 1 - extent[3])
+            if margin >= 0 and margin > best_margin:
+                best, best_margin = (y0, x0), margin
+        return best
+
+    def predict(self, boxes: Any = None, points: Any = None, point_labels: Any = None, **kwargs: Any) -> SamPrediction:
+        if self.image is None:
+            raise RuntimeError("Call `set_image(image)` before `predict(...)`.")
+        if kwargs.get("mask_input") is not None:
+            raise ValueError("mask_input is not supported with tiles: the logits of a tiled prediction are per tile.")
+        height, width = self.image.shape[:2]
+        boxes, points, labels = validate_prompts((height, width), boxes, points, point_labels)
+        n = len(boxes) if boxes is not None else len(points)
+        extents = []
+        for i in range(n):
+            corners = [boxes[i].reshape(2, 2)] if boxes is not None else []
+            if points is not None:
+                corners.append(points[i])
+            xy = np.concatenate(corners)
+            extents.append(np.concatenate([xy.min(0), xy.max(0)]))
+        groups: dict[tuple[int, int] | None, list[int]] = {}
+        for i, extent in enumerate(extents):
+            groups.setdefault(self.choose_tile(extent), []).append(i)
+        if None in groups:
+            logger.info(
+                "%d prompt(s) fit in no %d-px tile: decoded on the whole image.", len(groups[None]), self.tile_size
+            )
+        masks: list[np.ndarray | None] = [None] * n
+        scores: list[np.ndarray | None] = [None] * n
+        logits: list[np.ndarray | None] = [None] * n
+        for origin, members in groups.items():
+            y0, x0 = self._use_tile(origin)
+            offset = np.array([x0, y0], np.float64)
+            sub = {}
+            if boxes is not None:
+                sub["boxes"] = boxes[members] - np.tile(offset, 2)
+            if points is not None:
+                sub["points"] = points[members] - offset
+                sub["point_labels"] = labels[members]
+            result = self.predictor.predict(**sub, **kwargs)
+            for j, i in enumerate(members):
+                full = np.zeros((result.masks.shape[1], height, width), bool)
+                tile_h, tile_w = result.masks.shape[-2:]
+                full[:, y0 : y0 + tile_h, x0 : x0 + tile_w] = result.masks[j]
+                masks[i], scores[i], logits[i] = full, result.scores[j], result.logits[j]
+        return SamPrediction(np.stack(masks), np.stack(scores), np.stack(logits))
+
+    def __call__(self, image: Any, **prompts: Any) -> SamPrediction:
+        self.set_image(image)
+        return self.predict(**prompts)

@@ -1,0 +1,118 @@
+"""Large images as tiles: the tile grid, cut objects, training on tiles and prediction on tiles."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import numpy as np
+import pytest
+
+from sam_hf.inference import SamPrediction
+from sam_hf.tiling import TiledPredictor, tile_dataset, tile_origins, tile_starts
+
+
+def test_tile_grid_ends_at_the_edges():
+    assert tile_starts(100, 40, 10) == [0, 30, 60]
+    assert tile_starts(100, 50, 0) == [0, 50]
+    assert tile_starts(101, 50, 0) == [0, 50, 51]
+    assert tile_starts(30, 40, 10) == [0]
+    assert tile_origins(60, 100, 40, 10) == [(0, 0), (0, 30), (0, 60), (20, 0), (20, 30), (20, 60)]
+    with pytest.raises(ValueError, match="tile_overlap < tile_size"):
+        tile_origins(10, 10, 8, 8)
+
+
+def _dataset() -> datasets.Dataset:
+    """A 60 x 100 image, tiles of 60 at x = 0 and 40 (overlap 20), with three objects:
+
+    - object 1, columns 5..14 (10 px wide): whole in the first tile only;
+    - object 2, columns 50..69 (20 px): in tile 0 columns 50..59 (50% visible, kept) and whole in tile 1;
+    - object 3, columns 30..49 (20 px): whole in tile 0; in tile 1 columns 40..49 (50%, kept);
+    - object 4, columns 90..99 (10 px): whole in tile 1 only.
+    Object 5, columns 34..43 on rows 40..49: whole in tile 0; in tile 1 columns 40..43 (40%, dropped).
+    """
+    instances = np.zeros((60, 100), np.uint16)
+    instances[10:20, 5:15] = 1
+    instances[10:20, 50:70] = 2
+    instances[25:35, 30:50] = 3
+    instances[10:20, 90:100] = 4
+    instances[40:50, 34:44] = 5
+    image = np.zeros((60, 100, 3), np.uint8)
+    image[instances > 0] = 200
+    return datasets.Dataset.from_dict(
+        {"image": [image], "label": [instances], "file_name": ["big.png"]},
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.Image(), "file_name": datasets.Value("string")}
+        ),
+    )
+
+
+def test_cut_objects_are_kept_or_dropped_by_their_visible_fraction(caplog):
+    with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
+        tiled = tile_dataset(_dataset(), tile_size=60, tile_overlap=20, mask_type="instance")
+    assert tiled["file_name"] == ["big.png@y0x0", "big.png@y0x40"]
+    first, second = (np.asarray(label) for label in tiled["label"])
+    assert first.shape == second.shape == (60, 60)
+    # Tile 0 (x 0..59): objects 1, 2 (half), 3, 5, renumbered in id order 1..4.
+    assert np.unique(first).tolist() == [0, 1, 2, 3, 4]
+    assert (first == 2).sum() == 10 * 10 and (first[10:20, 50:60] == 2).all()
+    # Tile 1 (x 40..99): objects 2, 3 (half), 4; object 5's 40% fragment became background.
+    assert np.unique(second).tolist() == [0, 1, 2, 3]
+    assert (second[40:50, 0:4] == 0).all() and (second[25:35, 0:10] == 2).all()
+    np.testing.assert_array_equal(
+        np.asarray(tiled["image"][1])[..., 0] > 0, np.asarray(_dataset()["label"][0])[:, 40:] > 0
+    )
+    assert "2 tiles of 60 px (overlap 20); objects per tile: 5 whole, 2 cut by the tile edge and kept" in caplog.text
+    assert "1 fragments dropped" in caplog.text
+
+
+def test_training_on_tiles(tiny_model_dir, nuclei_dir, tmp_path, caplog):
+    from sam_hf.run import parse_args, run_training
+
+    argv = [
+        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir",
+        str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_train_samples", "2",
+        "--max_eval_samples", "1", "--max_objects_per_image", "4", "--eval_strategy", "no", "--save_strategy", "no",
+        "--report_to", "none", "--tile_size", "128", "--tile_overlap", "32", "--eval_before_training", "false",
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
+        run_training(*parse_args(argv))
+    # 256 x 256 images, tiles at 0, 96 and 128 on each axis: 9 tiles per image.
+    assert "Split 'train': 2 images -> 18 tiles of 128 px" in caplog.text
+    assert "Split 'eval': 1 images -> " in caplog.text
+
+
+class _BoxFilling:
+    """Fills each box in the frame of the image it was given; records the image sizes it encoded."""
+
+    def __init__(self):
+        self.encoded = []
+
+    def set_image(self, image):
+        self.shape = np.asarray(image).shape[:2]
+        self.encoded.append(self.shape)
+
+    def predict(self, boxes=None, points=None, point_labels=None, **kwargs):
+        masks = np.zeros((len(boxes), 1, *self.shape), bool)
+        for i, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
+            masks[i, 0, y0 : y1 + 1, x0 : x1 + 1] = True
+        return SamPrediction(masks, np.ones((len(boxes), 1)), np.zeros((len(boxes), 1, 4, 4)))
+
+
+def test_tiled_prediction_pastes_each_mask_back():
+    image = np.zeros((200, 300, 3), np.uint8)
+    tiled = TiledPredictor(_BoxFilling(), tile_size=128, tile_overlap=32)
+    tiled.set_image(image)
+    boxes = [[10, 10, 40, 40], [150, 100, 200, 150], [120, 60, 135, 70], [0, 0, 250, 190]]
+    result = tiled.predict(boxes=boxes)
+    assert result.masks.shape == (4, 1, 200, 300)
+    for mask, (x0, y0, x1, y1) in zip(result.masks[:, 0], boxes):
+        expected = np.zeros((200, 300), bool)
+        expected[y0 : y1 + 1, x0 : x1 + 1] = True
+        np.testing.assert_array_equal(mask, expected)
+    # Box 3 straddles x = 128: the tile starting at x = 96 holds it with the widest margin.
+    assert tiled.choose_tile(np.array([120, 60, 135, 70])) == (0, 96)
+    # The last box fits in no tile: decoded on the whole image.
+    assert (200, 300) in tiled.predictor.encoded and tiled.choose_tile(np.array([0, 0, 250, 190])) is None
+    with pytest.raises(ValueError, match="mask_input is not supported"):
+        tiled.predict(boxes=boxes[:1], mask_input=np.zeros((4, 4)))
