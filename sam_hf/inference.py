@@ -288,6 +288,32 @@ class SamPredictor:
             logits.append(low_res.cpu().numpy())
         return SamPrediction(np.concatenate(masks), np.concatenate(scores), np.concatenate(logits))
 
+    def mask_input_from_mask(self, mask: Any, logit: float = 10.0) -> np.ndarray:
+        """A binary mask of the current image (what a labelling tool holds: an earlier mask, or one a person drew) as
+        the `(m, m)` low-resolution logits `predict(mask_input=...)` takes.
+
+        The mask is resized into the low-resolution frame the way the processor resizes the image (padded or
+        stretched, per family member; area-weighted), and each pixel's covered fraction `f` becomes the logit
+        `(2 f - 1) * logit`: `+logit` inside, `-logit` outside and in the padding.
+        """
+        arr = np.asarray(mask)
+        if self.original_size is None:
+            raise RuntimeError("Call `set_image(image)` before converting a mask of it.")
+        arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and all(d == 1 for d in arr.shape[:-2]) else arr
+        if arr.shape != self.original_size:
+            raise PromptError(
+                f"The mask prompt is {arr.shape[0]}x{arr.shape[1]} (HxW) but the image is "
+                f"{self.original_size[0]}x{self.original_size[1]}; give a mask of the same image."
+            )
+        side = self.geometry.mask_side
+        height, width = self.geometry.label_shape(*arr.shape)
+        fraction = torch.nn.functional.interpolate(
+            torch.from_numpy((arr > 0).astype(np.float32))[None, None], (height, width), mode="area"
+        )[0, 0].numpy()
+        logits = np.full((side, side), -logit, np.float32)
+        logits[:height, :width] = (2 * fraction - 1) * logit
+        return logits
+
     def _mask_prompt(self, mask_input: Any, n_prompts: int) -> torch.Tensor | None:
         """`mask_input` as the `(1, 1, h, w)` float tensor SAM's prompt encoder embeds, after checking it."""
         if mask_input is None:

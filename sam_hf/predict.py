@@ -75,6 +75,18 @@ class PredictArguments:
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; defaults to the model's device."})
     chunk_size: int = field(default=64, metadata={"help": "Prompts decoded at once."})
+    mask_input: str | None = field(
+        default=None,
+        metadata={
+            "help": "A binary mask of the image (PNG; non-zero is the object), e.g. an earlier mask_000.png, fed to "
+            "the model as the mask prompt of the one prompt it refines (with correction --points/--point_labels)."
+        },
+    )
+    tile_size: int | None = field(
+        default=None,
+        metadata={"help": "Decode each prompt on the square tile of this size that holds it (large images)."},
+    )
+    tile_overlap: int = field(default=0, metadata={"help": "With --tile_size: overlap of neighbouring tiles, px."})
 
     def __post_init__(self) -> None:
         if self.save_masks not in ("png", "label", "both"):
@@ -85,6 +97,10 @@ class PredictArguments:
             raise ValueError("Give prompts either on the command line (--boxes/--points) or in --prompts, not both.")
         if self.point_labels is not None and self.points is None:
             raise ValueError("--point_labels needs --points.")
+        if self.mask_input is not None and self.tile_size is not None:
+            raise ValueError("--mask_input works on the whole image; drop --tile_size to use it.")
+        if self.tile_size is not None and not 0 <= self.tile_overlap < self.tile_size:
+            raise ValueError(f"Expected 0 <= --tile_overlap < --tile_size, got {self.tile_overlap}, {self.tile_size}.")
 
 
 def parse_coordinates(text: str, per_item: int, name: str) -> list[list[float]]:
@@ -242,11 +258,26 @@ def _list_images(path: Path) -> list[Path]:
     raise FileNotFoundError(f"--images {path}: no such file or folder.")
 
 
+def _read_mask(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as mask:
+            return np.asarray(mask.convert("L")) > 0
+    except OSError as err:
+        raise ValueError(f"--mask_input {path}: could not read the mask ({err}).") from err
+
+
 def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
     """Segment every image with its prompts; returns per image the scores and the files written."""
     predictor = SamPredictor.from_pretrained(args.model, device=args.device, chunk_size=args.chunk_size)
+    model = predictor
+    if args.tile_size is not None:
+        from .tiling import TiledPredictor
+
+        predictor = TiledPredictor(model, args.tile_size, args.tile_overlap)
     paths = _list_images(Path(args.images))
     prompts = load_prompts(args, paths)
+    if args.mask_input is not None and len(paths) != 1:
+        raise ValueError(f"--mask_input is a mask of one image, but --images {args.images} holds {len(paths)}.")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, dict[str, Any]] = {}
@@ -258,7 +289,10 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
             raise ValueError(f"Could not read image {path}: {err}") from err
         try:
             predictor.set_image(image)
-            prediction = predictor.predict(**prompts[path], multimask_output=args.multimask_output)
+            extra = {}
+            if args.mask_input is not None:
+                extra["mask_input"] = model.mask_input_from_mask(_read_mask(args.mask_input))
+            prediction = predictor.predict(**prompts[path], multimask_output=args.multimask_output, **extra)
         except PromptError as err:
             raise PromptError(f"{path.name}: {err}") from err
         best_masks, best_scores = prediction.best()
@@ -281,7 +315,7 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
                 i,
                 _describe_prompt(p, i),
                 best_scores[i],
-                *predictor.original_size[::-1],
+                *image.size,
             )
         if args.save_masks in ("label", "both"):
             labels = label_image(best_masks)
@@ -294,7 +328,7 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
         files.append(str(out_dir / f"{path.stem}_overlay.png"))
         entry = {
             "image": str(path),
-            "size": list(predictor.original_size),
+            "size": list(image.size[::-1]),
             "prompts": p,
             "scores": prediction.scores.tolist(),
             "best_mask": prediction.scores.argmax(axis=1).tolist(),

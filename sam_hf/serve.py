@@ -59,7 +59,7 @@ __all__ = ["ServeSettings", "create_app", "decode_png_mask", "decode_rle", "enco
 #: Image formats the server decodes. Others (EPS, which Pillow hands to Ghostscript, PSD, ...) are refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
 #: Keys accepted in the `prompts` JSON object.
-PROMPT_KEYS = ("boxes", "points", "point_labels", "multimask_output")
+PROMPT_KEYS = ("boxes", "points", "point_labels", "multimask_output", "mask_input")
 #: Float32 elements of up-sampled mask logits held at once while post-processing (128 MB); bounds the chunk size.
 _CHUNK_ELEMENTS = 2**25
 #: Largest non-file multipart field (the `prompts` JSON); starlette's default, set explicitly where it can be.
@@ -290,6 +290,38 @@ def _parse_prompts(text: str) -> dict[str, Any]:
     return prompts
 
 
+def _previous_mask(value: Any, count: int, image: _DecodedImage) -> np.ndarray | None:
+    """The `mask_input` of `prompts`: an earlier mask of this image in either response format (an RLE object, or
+    a base64 PNG string), for the one prompt it refines."""
+    if value is None:
+        return None
+    if count != 1:
+        raise HTTPException(
+            422, f"`mask_input` refines one object: give it with one prompt, got {count} prompts in the request."
+        )
+    expected = (image.height, image.width)
+    try:
+        if isinstance(value, dict):
+            # The size is checked before anything is decoded, so a large mask costs nothing.
+            size = tuple(int(v) for v in value["size"])
+            mask = decode_rle(value) if size == expected else None
+        else:
+            with Image.open(io.BytesIO(base64.b64decode(value, validate=True)), formats=["PNG"]) as png:
+                size = png.size[::-1]
+                mask = np.asarray(png.convert("L")) > 0 if size == expected else None
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        raise HTTPException(
+            422, f"`mask_input` must be a mask as /segment returns it (an RLE object or a base64 PNG): {err}"
+        ) from err
+    if mask is None:
+        raise HTTPException(
+            422,
+            f"`mask_input` is {size[1]}x{size[0]} but the image is {image.width}x{image.height}; give a mask of the "
+            "same image.",
+        )
+    return mask
+
+
 async def _read_body(request: Request, settings: ServeSettings) -> bytes:
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
@@ -487,6 +519,7 @@ class _ModelService:
         multimask = prompts.get("multimask_output", False)
         per_prompt = 3 if multimask else 1
         self._check_mask_pixels(count * per_prompt, image, f"{count} prompts x {per_prompt} masks")
+        previous = _previous_mask(prompts.get("mask_input"), count, image)
         pixels = image.load()
         with self.lock:
             if cancelled.is_set():
@@ -495,8 +528,9 @@ class _ModelService:
             side = max(image.height * image.width, self._padded_pixels())
             self.predictor.chunk_size = max(1, min(64, _CHUNK_ELEMENTS // (per_prompt * side)))
             self.predictor.set_image(pixels)
+            mask_input = self.predictor.mask_input_from_mask(previous) if previous is not None else None
             result = self.predictor.predict(
-                boxes=boxes, points=points, point_labels=labels, multimask_output=multimask
+                boxes=boxes, points=points, point_labels=labels, multimask_output=multimask, mask_input=mask_input
             )
         payload = {
             "width": image.width,

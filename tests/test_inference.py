@@ -168,3 +168,22 @@ def test_correction_click_with_the_previous_mask(predictor_and_image, tiny_model
         predictor.predict(boxes=[box], mask_input=np.full((side, side), np.nan))
     with pytest.raises(PromptError, match="give it with one prompt, got 2"):
         predictor.predict(boxes=[box, box], mask_input=previous)
+
+
+def test_mask_input_from_a_binary_mask(tiny_model_dir):
+    """A 90 x 150 image in the tiny model's 64-px mask frame: 38 x 64 of image, padding below. The left half of the
+    image (columns < 75) covers exactly mask columns 0..31, since 150 px map onto 64."""
+    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
+    predictor.set_image(np.zeros((90, 150, 3), np.uint8))
+    full = predictor.mask_input_from_mask(np.ones((90, 150), bool))
+    assert full.shape == (64, 64)
+    assert (full[:38] == 10).all() and (full[38:] == -10).all()
+    assert (predictor.mask_input_from_mask(np.zeros((90, 150), bool)) == -10).all()
+    half = np.zeros((90, 150), bool)
+    half[:, :75] = True
+    left = predictor.mask_input_from_mask(half)
+    assert (left[:38, :32] == 10).all() and (left[:38, 32:] == -10).all()
+    with pytest.raises(PromptError, match="90x150"):
+        predictor.mask_input_from_mask(np.ones((80, 150), bool))
+    # As a mask prompt, it is what predict() takes.
+    predictor.predict(boxes=[[10, 10, 70, 60]], mask_input=left)

@@ -171,3 +171,48 @@ def test_prediction_errors_name_the_problem(tiny_model_dir, image_files, tmp_pat
                 output_dir=str(tmp_path),
             )  # fmt: skip
         )
+
+
+def test_mask_input_refines_an_earlier_mask(tiny_model_dir, image_files, tmp_path):
+    """predict.py run twice, as a labelling session: a box, then a negative click with the first mask fed back."""
+    box = [10.0, 12.0, 60.0, 70.0]
+    first = tmp_path / "first"
+    run_prediction(PredictArguments(model=str(tiny_model_dir), images=str(image_files[0]), boxes="10,12,60,70",
+                                    output_dir=str(first)))  # fmt: skip
+    previous = first / image_files[0].stem / "mask_000.png"
+    second = tmp_path / "second"
+    args = PredictArguments(
+        model=str(tiny_model_dir), images=str(image_files[0]), boxes="10,12,60,70", points="15,15",
+        point_labels="0", mask_input=str(previous), output_dir=str(second),
+    )  # fmt: skip
+    report = run_prediction(args)[image_files[0].name]
+    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
+    predictor.set_image(Image.open(image_files[0]))
+    expected = predictor.predict(
+        boxes=[box],
+        points=[[[15.0, 15.0]]],
+        point_labels=[[0]],
+        mask_input=predictor.mask_input_from_mask(np.asarray(Image.open(previous)) > 0),
+    )
+    written = np.asarray(Image.open(second / image_files[0].stem / "mask_000.png")) > 0
+    np.testing.assert_array_equal(written, expected.masks[0, 0])
+    np.testing.assert_allclose(report["scores"], expected.scores, atol=1e-6)
+    with pytest.raises(ValueError, match="holds 32"):
+        run_prediction(PredictArguments(model=str(tiny_model_dir), images=str(image_files[0].parent), boxes="1,1,5,5",
+                                        mask_input=str(previous), output_dir=str(tmp_path / "x")))  # fmt: skip
+
+
+def test_tiled_prediction_from_the_command_line(tiny_model_dir, image_files, tmp_path):
+    """With --tile_size, a box is decoded on the 128-px tile holding it: the same mask as the library on that crop."""
+    args = PredictArguments(model=str(tiny_model_dir), images=str(image_files[0]), boxes="140,150,180,190",
+                            tile_size=128, tile_overlap=32, output_dir=str(tmp_path))  # fmt: skip
+    run_prediction(args)
+    image = np.asarray(Image.open(image_files[0]).convert("RGB"))
+    # 256 px: tiles start at 0, 96 and 128 on each axis. The box (x 140..180, y 150..190) has a margin of 33 px in
+    # the tile at (96, 96) (223 - 190) and of 12 px in the tile at (128, 128) (140 - 128): it is decoded on the first.
+    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
+    crop = predictor(image[96:224, 96:224], boxes=[[44.0, 54.0, 84.0, 94.0]])
+    expected = np.zeros(image.shape[:2], bool)
+    expected[96:224, 96:224] = crop.masks[0, 0]
+    written = np.asarray(Image.open(tmp_path / image_files[0].stem / "mask_000.png")) > 0
+    np.testing.assert_array_equal(written, expected)

@@ -441,3 +441,29 @@ def test_tiny_images_are_segmented_at_their_own_size(client, shape):
         response = _segment(client, image, {"boxes": [[0, 0, height, width]]})
         assert response.status_code == 422, response.text
         assert f"outside the {width}x{height} image" in response.json()["detail"]
+
+
+def test_segment_refines_with_a_previous_mask(client, predictor, synthetic_png):
+    first = _segment(client, synthetic_png, {"boxes": BOXES[:1]}, "rle").json()
+    previous = first["masks"][0][0]
+    prompts = {"boxes": BOXES[:1], "points": [POINTS[0][:1]], "point_labels": [[0]], "mask_input": previous}
+    response = _segment(client, synthetic_png, prompts, "png")
+    assert response.status_code == 200, response.text
+    predictor.set_image(Image.open(io.BytesIO(synthetic_png)))
+    expected = predictor.predict(
+        boxes=BOXES[:1],
+        points=[POINTS[0][:1]],
+        point_labels=[[0]],
+        mask_input=predictor.mask_input_from_mask(decode_rle(previous)),
+    )
+    np.testing.assert_array_equal(_decode_masks(response.json()), expected.masks)
+    # The same mask as a base64 PNG gives the same answer.
+    as_png = {**prompts, "mask_input": encode_png_mask(decode_rle(previous))}
+    np.testing.assert_array_equal(_decode_masks(_segment(client, synthetic_png, as_png, "png").json()), expected.masks)
+    two = _segment(client, synthetic_png, {"boxes": BOXES, "mask_input": previous})
+    assert two.status_code == 422 and "one prompt" in two.json()["detail"]
+    wrong = {"boxes": BOXES[:1], "mask_input": encode_rle(np.zeros((10, 20), bool))}
+    response = _segment(client, synthetic_png, wrong)
+    assert response.status_code == 422 and "20x10 but the image is 200x120" in response.json()["detail"]
+    garbage = _segment(client, synthetic_png, {"boxes": BOXES[:1], "mask_input": "not base64!"})
+    assert garbage.status_code == 422 and "mask_input" in garbage.json()["detail"]
