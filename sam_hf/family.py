@@ -421,7 +421,19 @@ def _square_processor(processor_class: type) -> Callable[[PretrainedConfig], Any
     return build
 
 
-_SAM2_IMAGE_SIDE = ("vision_encoder", "mask_decoder.conv_s0", "mask_decoder.conv_s1", "no_memory_embedding")
+# What SAM 2, the SAM 3 tracker and EdgeTAM share: a plain resize to the square, three feature levels, and an image
+# side that includes the decoder's projections of the two high-resolution levels and the no-memory embedding
+# (transformers applies them once per image in `get_image_features`, so a cached feature is what the model computes).
+_SAM2_STYLE: dict[str, Any] = {
+    "pads": False,
+    "num_levels": 3,
+    "image_side": ("vision_encoder", "mask_decoder.conv_s0", "mask_decoder.conv_s1", "no_memory_embedding"),
+    "encode": _levels,
+    "decoder_inputs": _levels_inputs,
+    "capture": _capture_levels,
+    "unused_outputs": ("mask_decoder.pred_obj_score_head",),
+    "stability_selection": True,
+}
 
 FAMILY: dict[str, FamilyMember] = {
     m.model_type: m
@@ -464,19 +476,9 @@ FAMILY: dict[str, FamilyMember] = {
             name="SAM 2.1",
             model_class=Sam2Model,
             processor_class=Sam2Processor,
-            pads=False,
-            num_levels=3,
-            # The decoder's projections of the two high-resolution levels run once per image in transformers
-            # (`get_image_features`), and the no-memory embedding is added to the last level there: both belong to
-            # the image side, so that a cached embedding is what the model computes.
-            image_side=_SAM2_IMAGE_SIDE,
-            encode=_levels,
-            decoder_inputs=_levels_inputs,
-            capture=_capture_levels,
-            unused_outputs=("mask_decoder.pred_obj_score_head",),
+            **_SAM2_STYLE,
             # Hiera's MultiScaleAttention has one fused `qkv` linear.
             lora_target_modules=("qkv",),
-            stability_selection=True,
             build_tiny_config=_tiny_sam2,
             build_tiny_processor=_square_processor(Sam2Processor),
         ),
@@ -485,16 +487,9 @@ FAMILY: dict[str, FamilyMember] = {
             name="SAM 3 tracker",
             model_class=Sam3TrackerModel,
             processor_class=Sam3TrackerProcessor,
-            pads=False,
-            num_levels=3,
-            image_side=_SAM2_IMAGE_SIDE,
-            encode=_levels,
-            decoder_inputs=_levels_inputs,
-            capture=_capture_levels,
-            unused_outputs=("mask_decoder.pred_obj_score_head",),
+            **_SAM2_STYLE,
             # The SAM 3 ViT's attention projections; "attention." keeps the decoder's self_attn/cross_attn out.
             lora_target_modules=("attention.q_proj", "attention.v_proj"),
-            stability_selection=True,
             build_tiny_config=_tiny_sam3_tracker,
             build_tiny_processor=_square_processor(Sam3TrackerProcessor),
         ),
@@ -503,16 +498,9 @@ FAMILY: dict[str, FamilyMember] = {
             name="EdgeTAM",
             model_class=EdgeTamModel,
             processor_class=Sam2Processor,
-            pads=False,
-            num_levels=3,
-            image_side=_SAM2_IMAGE_SIDE,
-            encode=_levels,
-            decoder_inputs=_levels_inputs,
-            capture=_capture_levels,
-            unused_outputs=("mask_decoder.pred_obj_score_head",),
+            **_SAM2_STYLE,
             # RepViT is convolutional: no attention linears to adapt (give --lora_target_modules to choose some).
             lora_target_modules=(),
-            stability_selection=True,
             build_tiny_config=_tiny_edgetam,
             build_tiny_processor=_square_processor(Sam2Processor),
         ),
