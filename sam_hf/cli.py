@@ -2,6 +2,7 @@
 
 ```bash
 sam-hf serve --model runs/demo --host 127.0.0.1 --port 8000
+sam-hf autolabel --model runs/demo --images my_images --output_dir my_labels
 ```
 
 Each subcommand is a function `_<name>(args) -> int` registered by `_add_<name>_parser`; `build_parser` lists them.
@@ -116,6 +117,37 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_autolabel_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser
+
+    from .autolabel import AutolabelArguments
+
+    parser = subparsers.add_parser(
+        "autolabel",
+        help="label a folder of images with automatic SAM masks, as a training folder",
+        description="Automatic masks (transformers' mask-generation pipeline) for every image of a folder, written "
+        "as images/, masks/ and instances/ (or a saved datasets dataset) that --dataset_name reads back, with a "
+        "contact sheet. See docs/autolabel.md.",
+        parents=[HfArgumentParser(AutolabelArguments, add_help=False)],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.set_defaults(func=_autolabel, parser=parser, dataclass_fields=[f.name for f in fields(AutolabelArguments)])
+
+
+def _autolabel(args: argparse.Namespace) -> int:
+    from .autolabel import AutolabelArguments, run_autolabel
+
+    try:
+        settings = AutolabelArguments(**{name: getattr(args, name) for name in args.dataclass_fields})
+    except ValueError as err:
+        args.parser.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_autolabel(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sam-hf` parser with one subparser per subcommand."""
     parser = argparse.ArgumentParser(
@@ -124,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve_parser(subparsers)
+    _add_autolabel_parser(subparsers)
     return parser
 
 
