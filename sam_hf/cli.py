@@ -93,6 +93,11 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     for flag, field, kind, text in _SERVE_LIMITS:
         limits.add_argument(flag, dest=field, type=kind, default=getattr(defaults, field, None), help=text)
     parser.add_argument(
+        "--text-model",
+        default=getattr(defaults, "text_model", None),
+        help="CLIPSeg checkpoint for the `text` field of /segment (Hub id or directory); loaded on first use",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -110,7 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
         args.parser.error(f"serving needs the serve extra ({err}); install it with pip install 'sam_hf[serve]'")
     if not args.model:
         args.parser.error(f"give --model <directory or Hub id>, or set ${MODEL_ENV}")
-    settings = ServeSettings(device=args.device, **{field: getattr(args, field) for _, field, _, _ in _SERVE_LIMITS})
+    limits = {field: getattr(args, field) for _, field, _, _ in _SERVE_LIMITS}
+    settings = ServeSettings(device=args.device, text_model=args.text_model, **limits)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("Serving %s on http://%s:%d with %s", args.model, args.host, args.port, settings)
     uvicorn.run(create_app(args.model, settings=settings), host=args.host, port=args.port, log_level=args.log_level)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, to_rgb_array
 from .inference import PromptError, SamPredictor, label_image
+from .text_prompts import DEFAULT_TEXT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,23 @@ class PredictArguments:
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; defaults to the model's device."})
     chunk_size: int = field(default=64, metadata={"help": "Prompts decoded at once."})
+    text: str | None = field(
+        default=None,
+        metadata={"help": "A text prompt ('nucleus'): CLIPSeg's heat map gives one box per blob, SAM refines each."},
+    )
+    text_model: str = field(
+        default=DEFAULT_TEXT_MODEL, metadata={"help": "CLIPSeg checkpoint for --text (Hub id or dir)."}
+    )
+    text_threshold: float = field(default=0.4, metadata={"help": "Heat-map score at which a pixel is in a blob."})
+    text_min_area: int = field(default=16, metadata={"help": "Smallest blob, in pixels of CLIPSeg's 352x352 map."})
 
     def __post_init__(self) -> None:
         if self.save_masks not in ("png", "label", "both"):
             raise ValueError(f"--save_masks must be 'png', 'label' or 'both', got {self.save_masks!r}.")
-        if self.prompts is None and self.boxes is None and self.points is None:
-            raise ValueError("Give prompts: --boxes and/or --points, or --prompts <file.json>.")
+        if self.text is not None and (self.prompts, self.boxes, self.points) != (None, None, None):
+            raise ValueError("Give either --text or box/point prompts (--boxes, --points, --prompts), not both.")
+        if self.prompts is None and self.boxes is None and self.points is None and self.text is None:
+            raise ValueError("Give prompts: --boxes and/or --points, --prompts <file.json>, or --text.")
         if self.prompts is not None and (self.boxes is not None or self.points is not None):
             raise ValueError("Give prompts either on the command line (--boxes/--points) or in --prompts, not both.")
         if self.point_labels is not None and self.points is None:
@@ -242,6 +254,13 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
     predictor = SamPredictor.from_pretrained(args.model, device=args.device, chunk_size=args.chunk_size)
     paths = _list_images(Path(args.images))
     prompts = load_prompts(args, paths)
+    text_prompter = None
+    if args.text is not None:
+        from .text_prompts import TextPrompter, heatmap_image
+
+        text_prompter = TextPrompter.from_pretrained(
+            args.text_model, device=args.device, threshold=args.text_threshold, min_area=args.text_min_area
+        )
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, dict[str, Any]] = {}
@@ -253,7 +272,13 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
             raise ValueError(f"Could not read image {path}: {err}") from err
         try:
             predictor.set_image(image)
-            prediction = predictor.predict(**prompts[path], multimask_output=args.multimask_output)
+            if text_prompter is not None:  # boxes from the text's heat map; `<stem>_heatmap.png` shows it
+                found = text_prompter.segment(predictor, image, args.text, args.multimask_output)
+                prompts[path] = {"text": args.text, "boxes": found.boxes.tolist(), "peaks": found.peaks.tolist()}
+                heatmap_image(found.heatmap, predictor.original_size).save(out_dir / f"{path.stem}_heatmap.png")
+                prediction = found.prediction
+            else:
+                prediction = predictor.predict(**prompts[path], multimask_output=args.multimask_output)
         except PromptError as err:
             raise PromptError(f"{path.name}: {err}") from err
         best_masks, best_scores = prediction.best()
