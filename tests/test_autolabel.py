@@ -172,3 +172,25 @@ def test_missing_or_empty_images_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         run_autolabel(_args(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_images_without_objects_are_written_empty_and_warned(images_dir, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    import sam_hf.autolabel as autolabel
+
+    def no_masks(image, **kwargs):
+        return {"masks": [], "scores": torch.zeros(0)}
+
+    monkeypatch.setattr(autolabel, "_mask_generator", lambda args: no_masks)
+    with caplog.at_level(logging.WARNING, logger="sam_hf.autolabel"):
+        report = run_autolabel(_args(images_dir, tmp_path / "out"))
+    assert report["num_objects"] == 0
+    for name in report["images"]:
+        assert not np.asarray(Image.open(tmp_path / "out" / "instances" / f"{Path(name).stem}.png")).any()
+        assert f"{name}: 0 masks from the model, 0 objects kept" in caplog.text
+    assert "No image got an object" in caplog.text
+    with pytest.raises(ValueError, match="is empty after dropping images without objects"):
+        index_objects(load_source(str(tmp_path / "out"))["train"], "instance")
