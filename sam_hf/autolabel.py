@@ -46,7 +46,8 @@ __all__ = ["AutolabelArguments", "contact_sheet", "instance_map", "run_autolabel
 OUTPUT_FORMATS = ("folder", "dataset")
 REPORT_FILE = "autolabel.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"
-#: What a previous run wrote, per output format; `--overwrite` removes these and nothing else.
+#: What a previous run wrote, per output format; `--overwrite` removes these (both formats' files), the contact
+#: sheet and the report, and nothing else.
 _WRITTEN = {
     "folder": ("images", "masks", "instances"),
     "dataset": ("data-*.arrow", "dataset_info.json", "state.json", "dataset_dict.json"),
@@ -226,9 +227,11 @@ def _list_images(path: Path) -> list[Path]:
     return files
 
 
-def _previous_output(out: Path, output_format: str) -> list[Path]:
+def _previous_output(out: Path) -> list[Path]:
+    """What an earlier run wrote to `out`, in either output format (a folder run after a dataset run leaves no
+    stale dataset files behind)."""
     found = []
-    for pattern in (*_WRITTEN[output_format], REPORT_FILE, CONTACT_SHEET_FILE):
+    for pattern in (*_WRITTEN["folder"], *_WRITTEN["dataset"], REPORT_FILE, CONTACT_SHEET_FILE):
         found += sorted(out.glob(pattern))
     return found
 
@@ -244,7 +247,7 @@ def _prepare_output(args: AutolabelArguments, inputs: list[Path]) -> Path:
                 f"--output_dir {out} already holds files. Pass --overwrite to replace a previous run's labels there "
                 "(other files are kept), or choose another --output_dir."
             )
-        previous = _previous_output(out, args.output_format)
+        previous = _previous_output(out)
         for p in previous:
             for image in inputs:
                 if image.resolve() == p.resolve() or p.resolve() in image.resolve().parents:

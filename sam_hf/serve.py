@@ -435,7 +435,9 @@ class _ModelService:
 
             try:
                 self._text_prompter = TextPrompter.from_pretrained(
-                    self.settings.text_model, device=self.predictor.device, max_boxes=self.settings.max_prompts
+                    self.settings.text_model,
+                    device=self.predictor.device,
+                    max_boxes=min(self.settings.max_prompts, self.settings.max_boxes_and_points),
                 )
             except Exception as err:  # e.g. an offline server without the checkpoint; box prompts keep working
                 logger.exception("Could not load the text model %s.", self.settings.text_model)

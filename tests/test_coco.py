@@ -99,6 +99,11 @@ def test_polygon_pixels(polygon, count, rows_cols):
         assert (xs.min(), xs.max()) == rows_cols and (ys.min(), ys.max()) == rows_cols
 
 
+def test_polygon_covering_the_image_fills_it():
+    # pycocotools' frPoly of this square on a 10x10 image equals the RLE of an all-ones mask (a published test case)
+    assert polygons_to_mask([[0, 0, 0, 10, 10, 10, 10, 0]], 10, 10).all()
+
+
 def test_polygons_of_one_annotation_are_united():
     two = polygons_to_mask([[0, 0, 4, 0, 4, 4, 0, 4], [2, 2, 6, 2, 6, 6, 2, 6]], 8, 8)
     assert two.sum() == 16 + 16 - 4  # the 2x2 overlap once, not cut out
