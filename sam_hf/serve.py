@@ -639,7 +639,7 @@ _MULTIPART_DOC = {
                             "type": "string",
                             "description": "JSON object with `boxes` (N x 4 xyxy pixels), `points` (N x P x 2 xy "
                             "pixels), `point_labels` (N x P, 1 positive / 0 negative) and `multimask_output` "
-                            "(bool). Required by /segment.",
+                            "(bool). Required by /segment unless `text` is given.",
                             "example": _PROMPTS_EXAMPLE,
                         },
                         "text": {
