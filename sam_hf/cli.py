@@ -2,6 +2,7 @@
 
 ```bash
 sam-hf serve --model runs/demo --host 127.0.0.1 --port 8000
+sam-hf autolabel --model runs/demo --images my_images --output_dir my_labels
 ```
 
 Each subcommand is a function `_<name>(args) -> int` registered by `_add_<name>_parser`; `build_parser` lists them.
@@ -92,6 +93,11 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     for flag, field, kind, text in _SERVE_LIMITS:
         limits.add_argument(flag, dest=field, type=kind, default=getattr(defaults, field, None), help=text)
     parser.add_argument(
+        "--text-model",
+        default=getattr(defaults, "text_model", None),
+        help="CLIPSeg checkpoint for the `text` field of /segment (Hub id or directory); loaded on first use",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -109,10 +115,42 @@ def _serve(args: argparse.Namespace) -> int:
         args.parser.error(f"serving needs the serve extra ({err}); install it with pip install 'sam_hf[serve]'")
     if not args.model:
         args.parser.error(f"give --model <directory or Hub id>, or set ${MODEL_ENV}")
-    settings = ServeSettings(device=args.device, **{field: getattr(args, field) for _, field, _, _ in _SERVE_LIMITS})
+    limits = {field: getattr(args, field) for _, field, _, _ in _SERVE_LIMITS}
+    settings = ServeSettings(device=args.device, text_model=args.text_model, **limits)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("Serving %s on http://%s:%d with %s", args.model, args.host, args.port, settings)
     uvicorn.run(create_app(args.model, settings=settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _add_autolabel_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser
+
+    from .autolabel import AutolabelArguments
+
+    parser = subparsers.add_parser(
+        "autolabel",
+        help="label a folder of images with automatic SAM masks, as a training folder",
+        description="Automatic masks (transformers' mask-generation pipeline) for every image of a folder, written "
+        "as images/, masks/ and instances/ (or a saved datasets dataset) that --dataset_name reads back, with a "
+        "contact sheet. See docs/autolabel.md.",
+        parents=[HfArgumentParser(AutolabelArguments, add_help=False)],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.set_defaults(func=_autolabel, parser=parser, dataclass_fields=[f.name for f in fields(AutolabelArguments)])
+
+
+def _autolabel(args: argparse.Namespace) -> int:
+    from .autolabel import AutolabelArguments, run_autolabel
+
+    try:
+        settings = AutolabelArguments(**{name: getattr(args, name) for name in args.dataclass_fields})
+    except ValueError as err:
+        args.parser.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_autolabel(settings)
     return 0
 
 
@@ -124,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve_parser(subparsers)
+    _add_autolabel_parser(subparsers)
     return parser
 
 

@@ -32,8 +32,9 @@ class DataArguments:
 
     dataset_name: str = field(
         metadata={
-            "help": "A Hub dataset id, a directory written by save_to_disk, or a folder with images/ and masks/ "
-            "(and optional instances/) sharing file stems."
+            "help": "A Hub dataset id, a directory written by save_to_disk, a folder with images/ and masks/ "
+            "(and optional instances/) sharing file stems, or COCO instance annotations (a json file, or a folder "
+            "holding instances.json)."
         }
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})

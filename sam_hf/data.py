@@ -200,7 +200,8 @@ def load_source(
     token: str | None = None,
     streaming: bool = False,
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
-    """Load a Hub dataset id, a `save_to_disk` directory, or an images/masks folder as a `DatasetDict`.
+    """Load a Hub dataset id, a `save_to_disk` directory, an images/masks folder, or COCO instance annotations (a
+    json file, or a folder holding `instances.json`; see `sam_hf.coco.load_coco`) as a `DatasetDict`.
 
     With `streaming=True`, an `IterableDatasetDict` instead: a Hub dataset is streamed (nothing is downloaded ahead),
     a local source is read row by row (`Dataset.to_iterable_dataset`).
@@ -228,7 +229,13 @@ def load_source(
                 f"--dataset_name {dataset_name}: the path {path.expanduser().absolute()} does not exist ({why}). "
                 "Expected a Hub dataset id, a directory written by save_to_disk, or a folder with images/ and masks/."
             )
-    if path.is_dir() and (path / "images").is_dir():
+    from .coco import find_coco_file, load_coco
+
+    coco_file = find_coco_file(path)
+    if coco_file is not None:
+        dsd = datasets.DatasetDict({"train": load_coco(coco_file)})
+        image_column, mask_column = "image", "label"
+    elif path.is_dir() and (path / "images").is_dir():
         dsd = datasets.DatasetDict({"train": load_image_folder(path)})
         image_column, mask_column = "image", "label"
     elif path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
@@ -236,8 +243,8 @@ def load_source(
         dsd = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
     elif path.exists():
         raise ValueError(
-            f"--dataset_name {dataset_name} is a path but neither a folder with images/ and masks/ nor a "
-            "directory written by save_to_disk."
+            f"--dataset_name {dataset_name} is a path but neither a folder with images/ and masks/, a COCO "
+            "instances.json (or a folder holding one), nor a directory written by save_to_disk."
         )
     else:
         dsd = datasets.load_dataset(

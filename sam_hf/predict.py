@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, to_rgb_array
 from .inference import PromptError, SamPredictor, label_image
+from .text_prompts import DEFAULT_TEXT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +88,31 @@ class PredictArguments:
         metadata={"help": "Decode each prompt on the square tile of this size that holds it (large images)."},
     )
     tile_overlap: int = field(default=0, metadata={"help": "With --tile_size: overlap of neighbouring tiles, px."})
+    text: str | None = field(
+        default=None,
+        metadata={"help": "A text prompt ('nucleus'): CLIPSeg's heat map gives one box per blob, SAM refines each."},
+    )
+    text_model: str = field(
+        default=DEFAULT_TEXT_MODEL, metadata={"help": "CLIPSeg checkpoint for --text (Hub id or dir)."}
+    )
+    text_threshold: float = field(default=0.4, metadata={"help": "Heat-map score at which a pixel is in a blob."})
+    text_min_area: int = field(default=16, metadata={"help": "Smallest blob, in pixels of CLIPSeg's 352x352 map."})
 
     def __post_init__(self) -> None:
         if self.save_masks not in ("png", "label", "both"):
             raise ValueError(f"--save_masks must be 'png', 'label' or 'both', got {self.save_masks!r}.")
-        if self.prompts is None and self.boxes is None and self.points is None:
-            raise ValueError("Give prompts: --boxes and/or --points, or --prompts <file.json>.")
+        if self.text is not None and (self.prompts, self.boxes, self.points) != (None, None, None):
+            raise ValueError("Give either --text or box/point prompts (--boxes, --points, --prompts), not both.")
+        if self.prompts is None and self.boxes is None and self.points is None and self.text is None:
+            raise ValueError("Give prompts: --boxes and/or --points, --prompts <file.json>, or --text.")
         if self.prompts is not None and (self.boxes is not None or self.points is not None):
             raise ValueError("Give prompts either on the command line (--boxes/--points) or in --prompts, not both.")
         if self.point_labels is not None and self.points is None:
             raise ValueError("--point_labels needs --points.")
         if self.mask_input is not None and self.tile_size is not None:
             raise ValueError("--mask_input works on the whole image; drop --tile_size to use it.")
+        if self.text is not None and (self.tile_size is not None or self.mask_input is not None):
+            raise ValueError("--text finds its boxes on the whole image: drop --tile_size and --mask_input.")
         if self.tile_size is not None and not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"Expected 0 <= --tile_overlap < --tile_size, got {self.tile_overlap}, {self.tile_size}.")
 
@@ -278,6 +292,13 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
     prompts = load_prompts(args, paths)
     if args.mask_input is not None and len(paths) != 1:
         raise ValueError(f"--mask_input is a mask of one image, but --images {args.images} holds {len(paths)}.")
+    text_prompter = None
+    if args.text is not None:
+        from .text_prompts import TextPrompter, heatmap_image
+
+        text_prompter = TextPrompter.from_pretrained(
+            args.text_model, device=args.device, threshold=args.text_threshold, min_area=args.text_min_area
+        )
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, dict[str, Any]] = {}
@@ -289,10 +310,16 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
             raise ValueError(f"Could not read image {path}: {err}") from err
         try:
             predictor.set_image(image)
-            extra = {}
-            if args.mask_input is not None:
-                extra["mask_input"] = model.mask_input_from_mask(_read_mask(args.mask_input))
-            prediction = predictor.predict(**prompts[path], multimask_output=args.multimask_output, **extra)
+            if text_prompter is not None:  # boxes from the text's heat map; `<stem>_heatmap.png` shows it
+                found = text_prompter.segment(model, image, args.text, args.multimask_output)
+                prompts[path] = {"text": args.text, "boxes": found.boxes.tolist(), "peaks": found.peaks.tolist()}
+                heatmap_image(found.heatmap, model.original_size).save(out_dir / f"{path.stem}_heatmap.png")
+                prediction = found.prediction
+            else:
+                extra = {}
+                if args.mask_input is not None:
+                    extra["mask_input"] = model.mask_input_from_mask(_read_mask(args.mask_input))
+                prediction = predictor.predict(**prompts[path], multimask_output=args.multimask_output, **extra)
         except PromptError as err:
             raise PromptError(f"{path.name}: {err}") from err
         best_masks, best_scores = prediction.best()

@@ -51,6 +51,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from .data import to_rgb_array
 from .inference import SamPredictor, validate_prompts
+from .text_prompts import DEFAULT_TEXT_MODEL, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class ServeSettings:
         workers (`int`, *optional*, defaults to 4): threads that decode images and encode masks; model calls are
             serialised by a lock whatever the number.
         device (`str`, *optional*): where the model runs; `"cuda"` if available, else `"cpu"`.
+        text_model (`str`, *optional*, defaults to `"CIDAS/clipseg-rd64-refined"`): the CLIPSeg checkpoint that turns
+            the `text` field of `/segment` into box prompts (see `sam_hf.text_prompts`); loaded on first use.
     """
 
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -116,6 +119,7 @@ class ServeSettings:
     max_pending: int = 64
     workers: int = 4
     device: str | None = None
+    text_model: str = DEFAULT_TEXT_MODEL
 
     def __post_init__(self) -> None:
         for name in _INTEGER_LIMITS:
@@ -425,6 +429,8 @@ class _ModelService:
         self.ready = True
         self._generator = None
         self._generator_error: str | None = None
+        self._text_prompter = None
+        self._text_error: str | None = None
         logger.info("Loaded %s on %s in %.1f s.", model, self.device, time.perf_counter() - start)
 
     @property
@@ -453,6 +459,24 @@ class _ModelService:
         if self._generator is None:
             raise HTTPException(503, f"Automatic mask generation is unavailable: {self._generator_error}")
         return self._generator
+
+    def text_prompter(self) -> Any:
+        """The CLIPSeg `TextPrompter` for `text` requests, built on first use (call with the lock held)."""
+        if self._text_prompter is None and self._text_error is None:
+            from .text_prompts import TextPrompter
+
+            try:
+                self._text_prompter = TextPrompter.from_pretrained(
+                    self.settings.text_model,
+                    device=self.predictor.device,
+                    max_boxes=min(self.settings.max_prompts, self.settings.max_boxes_and_points),
+                )
+            except Exception as err:  # e.g. an offline server without the checkpoint; box prompts keep working
+                logger.exception("Could not load the text model %s.", self.settings.text_model)
+                self._text_error = f"{type(err).__name__}: {err}"
+        if self._text_prompter is None:
+            raise HTTPException(503, f"Text prompts are unavailable: {self._text_error}")
+        return self._text_prompter
 
     def _padded_pixels(self) -> int:
         return self.predictor.geometry.image_size**2
@@ -505,9 +529,18 @@ class _ModelService:
                 "server is busy or the input is too large. Retry later, or send fewer prompts or a smaller image.",
             ) from err
 
-    def segment(self, cancelled: threading.Event, data: bytes, prompts_text: str, mask_format: MaskFormat) -> bytes:
+    def segment(
+        self,
+        cancelled: threading.Event,
+        data: bytes,
+        prompts_text: str,
+        mask_format: MaskFormat,
+        text: str | None = None,
+    ) -> bytes:
         prompts = _parse_prompts(prompts_text)
         image = _DecodedImage(data, self.settings.max_image_pixels)
+        if text is not None:
+            return self.segment_text(cancelled, image, text, prompts, mask_format)
         try:
             boxes, points, labels = validate_prompts(
                 (image.height, image.width), prompts.get("boxes"), prompts.get("points"), prompts.get("point_labels")
@@ -539,6 +572,46 @@ class _ModelService:
             "multimask_output": multimask,
             "masks": _encode_masks(result.masks, mask_format),
             "scores": result.scores.tolist(),
+        }
+        return json.dumps(payload, separators=(",", ":")).encode()
+
+    def segment_text(
+        self, cancelled: threading.Event, image: _DecodedImage, text: str, prompts: dict[str, Any], fmt: MaskFormat
+    ) -> bytes:
+        """Masks for the blobs of CLIPSeg's heat map of `text`, one box prompt each (see `sam_hf.text_prompts`)."""
+        if any(prompts.get(k) is not None for k in ("boxes", "points", "point_labels", "mask_input")):
+            raise HTTPException(422, "Give either `text` or box/point `prompts`, not both.")
+        try:
+            text = check_text(text)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from err
+        multimask = prompts.get("multimask_output", False)
+        per_prompt = 3 if multimask else 1
+        pixels = image.load()
+        with self.lock:
+            if cancelled.is_set():
+                raise _Cancelled
+            prompter = self.text_prompter()
+            _, boxes, peaks = prompter.boxes(pixels, text)
+            self._check_mask_pixels(len(boxes) * per_prompt, image, f"{len(boxes)} text boxes x {per_prompt} masks")
+            side = max(image.height * image.width, self._padded_pixels())
+            self.predictor.chunk_size = max(1, min(64, _CHUNK_ELEMENTS // (per_prompt * side)))
+            self.predictor.set_image(pixels)
+            masks = np.zeros((0, per_prompt, image.height, image.width), bool)
+            scores = np.zeros((0, per_prompt))
+            if len(boxes):
+                result = self.predictor.predict(boxes=boxes, multimask_output=multimask)
+                masks, scores = result.masks, result.scores
+        payload = {
+            "width": image.width,
+            "height": image.height,
+            "mask_format": fmt,
+            "multimask_output": multimask,
+            "text": text,
+            "boxes": boxes.tolist(),
+            "text_peaks": peaks.tolist(),
+            "masks": _encode_masks(masks, fmt) if len(masks) else [],
+            "scores": scores.tolist(),
         }
         return json.dumps(payload, separators=(",", ":")).encode()
 
@@ -599,8 +672,14 @@ _MULTIPART_DOC = {
                             "type": "string",
                             "description": "JSON object with `boxes` (N x 4 xyxy pixels), `points` (N x P x 2 xy "
                             "pixels), `point_labels` (N x P, 1 positive / 0 negative) and `multimask_output` "
-                            "(bool). Required by /segment.",
+                            "(bool). Required by /segment unless `text` is given.",
                             "example": _PROMPTS_EXAMPLE,
+                        },
+                        "text": {
+                            "type": "string",
+                            "description": "/segment only, instead of box/point prompts: a phrase such as "
+                            "`nucleus`; CLIPSeg's heat map gives one box per blob, SAM a mask per box. The answer "
+                            "also has the `boxes` and each blob's peak heat (`text_peaks`).",
                         },
                         "mask_format": {"type": "string", "enum": ["rle", "png"]},
                     },
@@ -696,7 +775,7 @@ def create_app(model: str | os.PathLike, *, settings: ServeSettings | None = Non
         request: Request,
         mask_format: _MaskFormatQuery = None,
     ) -> Response:
-        """Masks for each box and/or point prompt; all prompts share one image encoding.
+        """Masks for each box and/or point prompt, or for a `text` prompt; all prompts share one image encoding.
 
         Returns `{"width", "height", "mask_format", "multimask_output", "masks", "scores"}`, where `masks[i][j]` is
         mask `j` of prompt `i` (1 mask per prompt, or 3 with `multimask_output`) and `scores[i][j]` its predicted IoU.
@@ -707,10 +786,13 @@ def create_app(model: str | os.PathLike, *, settings: ServeSettings | None = Non
             try:
                 fmt = _mask_format(mask_format, form)
                 data = await _file_part(form, "image", "cells.png")
-                prompts = await _text_part(form, "prompts", _PROMPTS_EXAMPLE)
+                text = await _text_part(form, "text", '"nucleus"') if "text" in form else None
+                prompts = (
+                    await _text_part(form, "prompts", _PROMPTS_EXAMPLE) if text is None or "prompts" in form else "{}"
+                )
             finally:
                 await form.close()
-            return await service.run(lambda cancelled: service.segment(cancelled, data, prompts, fmt))
+            return await service.run(lambda cancelled: service.segment(cancelled, data, prompts, fmt, text))
 
         return await guarded(request, handle)
 

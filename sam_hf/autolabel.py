@@ -1,0 +1,384 @@
+"""Auto-labelling: a folder of images -> automatic SAM masks -> a training folder (or a saved `datasets` dataset).
+
+```bash
+sam-hf autolabel --model runs/demo --images my_images --output_dir my_labels \
+    --pred_iou_thresh 0.5 --stability_score_thresh 0.8 --min_area 20
+```
+
+Each image goes through transformers' `pipeline("mask-generation")` (a grid of point prompts, SAM's three masks per
+point, the predicted-IoU and stability filters, box non-maximum suppression). The masks left are filtered by area,
+merged into one instance map (where masks overlap, the smaller one wins, as in `sam_hf.label_image`), and written
+in the layout of `data/nuclei_demo`, which `scripts/train.py --dataset_name my_labels` reads back as it is:
+
+```text
+my_labels/
+  images/      the input images, copied byte for byte
+  masks/       <stem>.png, 0 / 255 binary masks
+  instances/   <stem>.png, 16-bit instance maps (0 = background, 1..N the objects)
+  contact_sheet.png   thumbnails with the masks in colour and each image's object count
+  autolabel.json      settings and per-image counts and scores
+```
+
+With `--output_format dataset`, the folder is a `datasets` `save_to_disk` directory instead (columns `image`,
+`label`, `file_name`), with the same contact sheet and report beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from .data import IMAGE_EXTENSIONS, to_rgb_array
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AutolabelArguments", "contact_sheet", "instance_map", "run_autolabel"]
+
+OUTPUT_FORMATS = ("folder", "dataset")
+REPORT_FILE = "autolabel.json"
+CONTACT_SHEET_FILE = "contact_sheet.png"
+#: What a previous run wrote, per output format; `--overwrite` removes these (both formats' files), the contact
+#: sheet and the report, and nothing else.
+_WRITTEN = {
+    "folder": ("images", "masks", "instances"),
+    "dataset": ("data-*.arrow", "dataset_info.json", "state.json", "dataset_dict.json"),
+}
+
+
+@dataclass
+class AutolabelArguments:
+    """Inputs, filters and outputs of `sam-hf autolabel`."""
+
+    model: str = field(metadata={"help": "A sam_hf output dir, any saved SamModel dir, or a Hub id."})
+    images: str = field(metadata={"help": "A folder of images (or one image file) to label."})
+    output_dir: str = field(
+        metadata={"help": "Where the labels go; refused if it holds files, unless --overwrite is given."}
+    )
+    output_format: str = field(
+        default="folder",
+        metadata={
+            "help": "'folder' (images/, masks/, instances/) or 'dataset' (datasets save_to_disk); both read back "
+            "with --dataset_name <output_dir>.",
+            "choices": list(OUTPUT_FORMATS),
+        },
+    )
+    points_per_side: int = field(default=32, metadata={"help": "A grid of points_per_side^2 point prompts."})
+    points_per_batch: int = field(default=64, metadata={"help": "Point prompts decoded at once (memory)."})
+    pred_iou_thresh: float = field(
+        default=0.88, metadata={"help": "Keep masks whose predicted IoU is at least this (pipeline default)."}
+    )
+    stability_score_thresh: float = field(
+        default=0.95, metadata={"help": "Keep masks at least this stable under threshold changes (pipeline default)."}
+    )
+    nms_thresh: float = field(
+        default=0.7, metadata={"help": "Box IoU above which the lower-scoring of two masks is dropped (NMS)."}
+    )
+    crops_n_layers: int = field(
+        default=0, metadata={"help": "Also segment 4^k crops for k = 1..n (small objects in large images; slower)."}
+    )
+    min_area: int = field(
+        default=0, metadata={"help": "Drop objects with fewer pixels (after overlaps are resolved)."}
+    )
+    max_area_fraction: float = field(
+        default=0.9, metadata={"help": "Drop masks covering more than this fraction of the image (background)."}
+    )
+    max_images: int | None = field(default=None, metadata={"help": "Label only the first N images (sorted)."})
+    contact_sheet_images: int = field(default=24, metadata={"help": "Images shown on the contact sheet (0: none)."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the output of a previous run in --output_dir (its images/, masks/, instances/ or "
+            "dataset files, contact sheet and report); other files are kept."
+        },
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; cuda if available, else cpu."})
+
+    def __post_init__(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"--output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}.")
+        for name in ("points_per_side", "points_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "max_area_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}.")
+        if not 0.0 < self.nms_thresh <= 1.0:
+            raise ValueError(f"--nms_thresh must be in (0, 1], got {self.nms_thresh}.")
+        for name in ("crops_n_layers", "min_area", "contact_sheet_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"--max_images must be >= 1, got {self.max_images}.")
+
+
+def instance_map(
+    masks: np.ndarray, min_area: int = 0, max_area_fraction: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Merge `(N, H, W)` masks into one instance map, dropping masks too large and objects too small.
+
+    Masks covering more than `max_area_fraction` of the image are dropped first (a "mask" of the whole background);
+    the rest are painted largest first, so where masks overlap the smaller one wins; objects left with fewer than
+    `min_area` visible pixels (or none) are then dropped, and the remaining ids renumbered 1..K in mask order.
+
+    Args:
+        masks (`np.ndarray`): `(N, H, W)` bool masks.
+        min_area (`int`, *optional*, defaults to 0): smallest visible object, in pixels.
+        max_area_fraction (`float`, *optional*, defaults to 1.0): largest mask, as a fraction of `H * W`.
+
+    Returns:
+        `(instances, kept, counts)`: `(H, W)` uint16 instance map, the `(K,)` indices into `masks` of objects
+        1..K, and the number of masks dropped as `too_large`, `too_small` and `hidden` (no visible pixel).
+    """
+    masks = np.asarray(masks, bool)
+    if masks.ndim != 3:
+        raise ValueError(f"Expected masks of shape (N, H, W), got {masks.shape}.")
+    n, height, width = masks.shape
+    areas = masks.reshape(n, height * width).sum(1)
+    large = areas > max_area_fraction * height * width
+    painted = np.zeros((height, width), np.int64)
+    for i in np.argsort(-areas, kind="stable"):
+        if not large[i]:
+            painted[masks[i]] = i + 1
+    visible = np.bincount(painted.ravel(), minlength=n + 1)[1:]
+    hidden = (visible == 0) & ~large & (areas > 0)
+    small = ~large & (visible < max(min_area, 1)) & ~hidden
+    kept = np.flatnonzero(~large & ~hidden & ~small)
+    if len(kept) >= np.iinfo(np.uint16).max:
+        raise ValueError(f"{len(kept)} objects do not fit a 16-bit instance map.")
+    lut = np.zeros(n + 1, np.uint16)
+    lut[kept + 1] = np.arange(1, len(kept) + 1)
+    counts = {"too_large": int(large.sum()), "too_small": int(small.sum()), "hidden": int(hidden.sum())}
+    return lut[painted], kept, counts
+
+
+def _thumbnail(image: np.ndarray, instances: np.ndarray, size: int) -> Image.Image:
+    from .predict import color_labels
+
+    rgb = image.astype(np.float64)
+    colours = color_labels(instances).astype(np.float64)
+    inside = instances > 0
+    rgb[inside] = 0.45 * rgb[inside] + 0.55 * colours[inside]
+    # Object outlines, so touching objects stay apart.
+    edge = np.zeros_like(inside)
+    edge[:-1] |= instances[:-1] != instances[1:]
+    edge[:, :-1] |= instances[:, :-1] != instances[:, 1:]
+    rgb[edge & inside] = colours[edge & inside]
+    out = Image.fromarray(rgb.round().astype(np.uint8))
+    out.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return out
+
+
+def contact_sheet(
+    items: list[tuple[str, np.ndarray, np.ndarray]], thumb_size: int = 192, columns: int = 6
+) -> Image.Image:
+    """A grid of thumbnails, each image with its objects in colour (outlined) and a caption `name: N objects`.
+
+    Args:
+        items (`list`): `(name, (H, W, 3) uint8 image, (H, W) instance map)` per image.
+        thumb_size (`int`, *optional*, defaults to 192): longest side of a thumbnail.
+        columns (`int`, *optional*, defaults to 6): thumbnails per row.
+    """
+    if not items:
+        raise ValueError("No image to put on the contact sheet.")
+    columns = min(columns, len(items))
+    rows = -(-len(items) // columns)
+    caption, pad = 18, 6
+    cell_w, cell_h = thumb_size + pad, thumb_size + caption + pad
+    sheet = Image.new("RGB", (columns * cell_w + pad, rows * cell_h + pad), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    for k, (name, image, instances) in enumerate(items):
+        x, y = pad + (k % columns) * cell_w, pad + (k // columns) * cell_h
+        thumb = _thumbnail(image, instances, thumb_size)
+        sheet.paste(thumb, (x, y))
+        count = int(len(np.unique(instances[instances > 0])))
+        label = f"{name[:14]}{'..' if len(name) > 14 else ''}: {count} object{'s' if count != 1 else ''}"
+        draw.text((x, y + thumb_size + 3), label, fill=(235, 235, 235), font=font)
+    return sheet
+
+
+def _list_images(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"--images {path}: no such file or folder.")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"--images {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+    stems = [p.stem for p in files]
+    shared = sorted({s for s in stems if stems.count(s) > 1})
+    if shared:
+        raise ValueError(
+            f"--images {path}: several files share the stem(s) {shared[:5]}; the output pairs images and masks by "
+            "stem, so each stem must name one image."
+        )
+    return files
+
+
+def _previous_output(out: Path) -> list[Path]:
+    """What an earlier run wrote to `out`, in either output format (a folder run after a dataset run leaves no
+    stale dataset files behind)."""
+    found = []
+    for pattern in (*_WRITTEN["folder"], *_WRITTEN["dataset"], REPORT_FILE, CONTACT_SHEET_FILE):
+        found += sorted(out.glob(pattern))
+    return found
+
+
+def _prepare_output(args: AutolabelArguments, inputs: list[Path]) -> Path:
+    """Create `--output_dir`, or clear a previous run's files from it with `--overwrite`; never touch the inputs."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output_dir {out} is a file; expected a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise FileExistsError(
+                f"--output_dir {out} already holds files. Pass --overwrite to replace a previous run's labels there "
+                "(other files are kept), or choose another --output_dir."
+            )
+        previous = _previous_output(out)
+        for p in previous:
+            for image in inputs:
+                if image.resolve() == p.resolve() or p.resolve() in image.resolve().parents:
+                    raise ValueError(
+                        f"--overwrite would delete {p}, which holds the input image {image}; write the labels to "
+                        "another --output_dir."
+                    )
+        for p in previous:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if previous:
+            logger.info("--overwrite: removed %s", ", ".join(str(p) for p in previous))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _mask_generator(args: AutolabelArguments) -> Any:
+    from transformers import pipeline
+
+    from .modeling import load_model_and_processor
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_model_and_processor(args.model)
+    return pipeline("mask-generation", model=model, image_processor=processor.image_processor, device=device)
+
+
+def _png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path)
+
+
+def run_autolabel(args: AutolabelArguments) -> dict[str, Any]:
+    """Label every image of `args.images` with automatic masks and write them to `args.output_dir`.
+
+    Returns:
+        The report written to `<output_dir>/autolabel.json`: the settings, and per image its size, the number of
+        masks the pipeline returned, how many were dropped (too large, too small, hidden by smaller ones), the
+        number of objects written and their predicted IoU scores.
+    """
+    inputs = _list_images(Path(args.images))
+    if args.max_images is not None:
+        inputs = inputs[: args.max_images]
+    out = _prepare_output(args, inputs)
+    generator = _mask_generator(args)
+    folder = args.output_format == "folder"
+    if folder:
+        for name in _WRITTEN["folder"]:
+            (out / name).mkdir()
+    rows: dict[str, list] = {"image": [], "label": [], "file_name": []}
+    sheet_items, per_image = [], {}
+    for path in tqdm(inputs, desc="Auto-labelling", unit="image"):
+        try:
+            with Image.open(path) as opened:
+                image = to_rgb_array(opened)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"Cannot read image {path}: {err}. Expected a readable image file.") from err
+        outputs = generator(
+            Image.fromarray(image),
+            points_per_crop=args.points_per_side,
+            points_per_batch=args.points_per_batch,
+            crops_n_layers=args.crops_n_layers,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_score_thresh,
+            crops_nms_thresh=args.nms_thresh,
+        )
+        masks = [np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m, bool) for m in outputs["masks"]]
+        masks = np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), bool)
+        scores = np.asarray(torch.as_tensor(outputs["scores"]).float().cpu(), np.float64).reshape(-1)
+        instances, kept, dropped = instance_map(masks, args.min_area, args.max_area_fraction)
+        stem = path.stem
+        entry = {
+            "image": str(path),
+            "size": list(image.shape[:2]),
+            "masks_from_model": len(masks),
+            "dropped": dropped,
+            "num_objects": len(kept),
+            "scores": [round(float(s), 4) for s in scores[kept]],
+            "areas": np.bincount(instances.ravel(), minlength=len(kept) + 1)[1:].tolist(),
+        }
+        per_image[path.name] = entry
+        log = logger.info if len(kept) else logger.warning
+        log(
+            "%s: %d masks from the model, %d objects kept (dropped %d covering more than %.0f%% of the image, %d "
+            "under %d px, %d hidden by smaller masks)%s",
+            path.name,
+            len(masks),
+            len(kept),
+            dropped["too_large"],
+            100 * args.max_area_fraction,
+            dropped["too_small"],
+            args.min_area,
+            dropped["hidden"],
+            "" if len(kept) else "; lower --pred_iou_thresh / --stability_score_thresh to keep more",
+        )
+        if folder:
+            shutil.copyfile(path, out / "images" / path.name)
+            _png(((instances > 0) * 255).astype(np.uint8), out / "masks" / f"{stem}.png")
+            _png(instances, out / "instances" / f"{stem}.png")
+        else:
+            import io
+
+            buffer = io.BytesIO()
+            Image.fromarray(instances).save(buffer, format="PNG")
+            rows["image"].append({"bytes": path.read_bytes(), "path": path.name})
+            rows["label"].append({"bytes": buffer.getvalue(), "path": f"{stem}.png"})
+            rows["file_name"].append(stem)
+        if len(sheet_items) < args.contact_sheet_images:
+            sheet_items.append((stem, image, instances))
+    if not folder:
+        import datasets
+
+        features = datasets.Features(
+            {"image": datasets.Image(), "label": datasets.Image(), "file_name": datasets.Value("string")}
+        )
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(out))
+    if sheet_items:
+        contact_sheet(sheet_items).save(out / CONTACT_SHEET_FILE)
+    total = sum(e["num_objects"] for e in per_image.values())
+    report = {"settings": asdict(args), "num_images": len(per_image), "num_objects": total, "images": per_image}
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    empty = [name for name, e in per_image.items() if not e["num_objects"]]
+    logger.info(
+        "Wrote %d objects in %d images to %s (%s)%s",
+        total,
+        len(per_image),
+        out,
+        "images/, masks/, instances/" if folder else "a save_to_disk dataset",
+        f"; {len(empty)} image(s) without any object" if empty else "",
+    )
+    if total == 0:
+        logger.warning(
+            "No image got an object: training on %s would find nothing to learn. Lower --pred_iou_thresh and "
+            "--stability_score_thresh (a lightly tuned model predicts low IoU scores), or --min_area.",
+            out,
+        )
+    return report

@@ -1,0 +1,196 @@
+"""sam-hf autolabel: the overlap and area rules by hand, then end to end with the tiny base on bundled images, read
+back by the training loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam_hf.autolabel import AutolabelArguments, contact_sheet, instance_map, run_autolabel
+from sam_hf.cli import main
+from sam_hf.data import index_objects, load_source, mask_to_instances
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_BASE = REPO / "models" / "tiny-sam-base"
+
+
+def _box(shape, y0, y1, x0, x1):
+    mask = np.zeros(shape, bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_instance_map_by_hand():
+    shape = (10, 10)
+    masks = np.stack(
+        [
+            _box(shape, 0, 10, 0, 10),  # 0: 100 px = the whole image -> too large at 0.9
+            _box(shape, 0, 4, 0, 4),  # 1: 16 px, 4 of them taken by mask 2 -> 12 visible
+            _box(shape, 1, 3, 1, 3),  # 2: 4 px inside mask 1: the smaller wins
+            _box(shape, 8, 9, 8, 9),  # 3: 1 px -> too small at min_area 2
+            _box(shape, 5, 7, 5, 7),  # 4: 4 px
+            _box(shape, 5, 7, 5, 7),  # 5: the same 4 px, painted after 4 -> 4 is hidden
+        ]
+    )
+    instances, kept, dropped = instance_map(masks, min_area=2, max_area_fraction=0.9)
+    assert kept.tolist() == [1, 2, 5]
+    assert dropped == {"too_large": 1, "too_small": 1, "hidden": 1}
+    assert instances.dtype == np.uint16
+    assert np.bincount(instances.ravel()).tolist() == [100 - 12 - 4 - 4, 12, 4, 4]
+    assert (instances[1:3, 1:3] == 2).all() and instances[0, 0] == 1 and (instances[5:7, 5:7] == 3).all()
+    # No mask: an empty map of the image's size.
+    empty, kept, _ = instance_map(np.zeros((0, 3, 5), bool))
+    assert empty.shape == (3, 5) and not empty.any() and len(kept) == 0
+
+
+def test_contact_sheet_layout():
+    image = np.zeros((40, 80, 3), np.uint8)
+    instances = np.zeros((40, 80), np.uint16)
+    instances[10:20, 10:20] = 1
+    sheet = contact_sheet([("a", image, instances)] * 7, thumb_size=64, columns=3)
+    assert sheet.size == (6 + 3 * 70, 6 + 3 * (64 + 18 + 6))  # 3 columns, 3 rows
+    pixels = np.asarray(sheet)
+    # The object is drawn in colour in the first thumbnail (80 px wide image scaled to 64: the square at 8..16).
+    assert pixels[6 + 12, 6 + 12].any()
+    with pytest.raises(ValueError, match="No image"):
+        contact_sheet([])
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory, nuclei_dir):
+    folder = tmp_path_factory.mktemp("to-label")
+    for p in sorted((nuclei_dir / "images").iterdir())[:2]:
+        shutil.copyfile(p, folder / p.name)
+    return folder
+
+
+def _args(images_dir, out, **kwargs):
+    settings = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_area=5)
+    return AutolabelArguments(
+        model=str(TINY_BASE), images=str(images_dir), output_dir=str(out), **{**settings, **kwargs}
+    )
+
+
+@pytest.fixture(scope="module")
+def labelled(images_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels") / "out"
+    argv = ["autolabel", "--model", str(TINY_BASE), "--images", str(images_dir), "--output_dir", str(out)]
+    argv += ["--points_per_side", "4", "--pred_iou_thresh", "0", "--stability_score_thresh", "0", "--min_area", "5"]
+    assert main(argv) == 0
+    return out
+
+
+def test_autolabel_writes_a_folder_that_training_reads_back(labelled, images_dir):
+    names = sorted(p.name for p in images_dir.iterdir())
+    assert sorted(p.name for p in (labelled / "images").iterdir()) == names
+    for name in names:  # the images are copied byte for byte
+        assert (labelled / "images" / name).read_bytes() == (images_dir / name).read_bytes()
+    report = json.loads((labelled / "autolabel.json").read_text())
+    assert report["num_images"] == 2 and report["settings"]["points_per_side"] == 4
+    for name, entry in report["images"].items():
+        # every mask the model gave is either an object or counted as dropped
+        assert entry["masks_from_model"] == entry["num_objects"] + sum(entry["dropped"].values())
+        stem = Path(name).stem
+        instances = np.asarray(Image.open(labelled / "instances" / f"{stem}.png"))
+        binary = np.asarray(Image.open(labelled / "masks" / f"{stem}.png"))
+        assert instances.dtype == np.uint16 and int(instances.max()) == entry["num_objects"]
+        assert set(np.unique(binary)) <= {0, 255} and ((binary > 0) == (instances > 0)).all()
+        areas = np.bincount(instances.ravel(), minlength=entry["num_objects"] + 1)[1:]
+        assert areas.tolist() == entry["areas"] and (areas >= 5).all()
+        assert len(entry["scores"]) == entry["num_objects"]
+    assert report["num_objects"] > 0  # the tiny base at thresholds 0 finds some masks (about 10 per image)
+
+    # What scripts/train.py --dataset_name <folder> does with it.
+    ds = load_source(str(labelled))["train"]
+    assert ds.column_names == ["image", "label", "file_name"]
+    indexed = index_objects(ds, "instance")
+    assert sum(indexed["num_objects"]) == report["num_objects"]
+    sheet = Image.open(labelled / "contact_sheet.png")
+    assert sheet.width > 2 * 192 and sheet.height > 192
+
+
+def test_autolabel_as_a_saved_dataset_matches_the_folder(labelled, images_dir, tmp_path):
+    report = run_autolabel(_args(images_dir, tmp_path / "ds", output_format="dataset"))
+    assert (tmp_path / "ds" / "dataset_info.json").is_file() and (tmp_path / "ds" / "contact_sheet.png").is_file()
+    ds = load_source(str(tmp_path / "ds"))["train"]
+    folder = load_source(str(labelled))["train"]
+    assert ds["file_name"] == folder["file_name"]
+    for i in range(len(ds)):
+        assert np.array_equal(np.asarray(ds[i]["image"]), np.asarray(folder[i]["image"]))
+        assert (
+            mask_to_instances(ds[i]["label"], "instance") == mask_to_instances(folder[i]["label"], "instance")
+        ).all()
+    assert report["num_objects"] == json.loads((labelled / "autolabel.json").read_text())["num_objects"]
+
+
+def test_existing_output_is_kept_unless_overwrite(images_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "masks").mkdir()
+    (out / "masks" / "hand_made.png").write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="already holds files. Pass --overwrite"):
+        run_autolabel(_args(images_dir, out, max_images=1))
+    assert (out / "masks" / "hand_made.png").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "notes.txt"]
+    run_autolabel(_args(images_dir, out, max_images=1, overwrite=True))
+    assert (out / "notes.txt").read_text() == "my notes"  # not ours: kept
+    assert not (out / "masks" / "hand_made.png").exists()  # masks/ is what autolabel writes: replaced
+    assert len(list((out / "instances").iterdir())) == 1
+
+
+def test_overwrite_never_deletes_the_input_images(images_dir, tmp_path):
+    out = tmp_path / "labels"
+    shutil.copytree(images_dir, out / "images")
+    with pytest.raises(ValueError, match="holds the input image"):
+        run_autolabel(_args(out / "images", out, overwrite=True))
+    assert len(list((out / "images").iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"output_format": "coco"}, "--output_format must be one of"),
+        ({"pred_iou_thresh": 1.5}, r"--pred_iou_thresh must be in \[0, 1\]"),
+        ({"points_per_side": 0}, "--points_per_side must be >= 1"),
+        ({"min_area": -1}, "--min_area must be >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        AutolabelArguments(model="m", images="i", output_dir=str(tmp_path), **kwargs)
+
+
+def test_missing_or_empty_images_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        run_autolabel(_args(tmp_path / "nope", tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        run_autolabel(_args(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_images_without_objects_are_written_empty_and_warned(images_dir, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    import sam_hf.autolabel as autolabel
+
+    def no_masks(image, **kwargs):
+        return {"masks": [], "scores": torch.zeros(0)}
+
+    monkeypatch.setattr(autolabel, "_mask_generator", lambda args: no_masks)
+    with caplog.at_level(logging.WARNING, logger="sam_hf.autolabel"):
+        report = run_autolabel(_args(images_dir, tmp_path / "out"))
+    assert report["num_objects"] == 0
+    for name in report["images"]:
+        assert not np.asarray(Image.open(tmp_path / "out" / "instances" / f"{Path(name).stem}.png")).any()
+        assert f"{name}: 0 masks from the model, 0 objects kept" in caplog.text
+    assert "No image got an object" in caplog.text
+    with pytest.raises(ValueError, match="is empty after dropping images without objects"):
+        index_objects(load_source(str(tmp_path / "out"))["train"], "instance")
