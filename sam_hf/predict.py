@@ -248,7 +248,7 @@ def overlay(
                 anchor = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
             else:
                 continue
-            _score_text(draw, anchor, f"score {score:.2f}", out.size, font)
+            _score_text(draw, anchor, f"score {max(float(score), 0.0):.2f}", out.size, font)
     return out
 
 

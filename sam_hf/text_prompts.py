@@ -236,7 +236,7 @@ class TextPrompter:
             )
             height, width = predictor.original_size
             m = 3 if multimask_output else 1
-            side = 4 * predictor.image_embeddings.shape[-1]
+            side = predictor.geometry.mask_side
             prediction = SamPrediction(
                 np.zeros((0, m, height, width), bool), np.zeros((0, m), np.float32), np.zeros((0, m, side, side))
             )
