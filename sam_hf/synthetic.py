@@ -111,9 +111,7 @@ def synthetic_cells(
         u = (dx * np.cos(theta) + dy * np.sin(theta)) / a
         v = (-dx * np.sin(theta) + dy * np.cos(theta)) / b
         angle = np.arctan2(v, u)
-        wobble = 1 + sum(
-            rng.uniform(0, 0.08) * np.sin(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
-        )
+        wobble = 1 + sum(rng.uniform(0, 0.08) * np.sin(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
         rho = np.hypot(u, v) / wobble
         inside = rho < 1
         window = (slice(y0, y1), slice(x0, x1))
