@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["synthetic_blobs", "synthetic_dataset"]
+__all__ = ["synthetic_blobs", "synthetic_cells", "synthetic_dataset"]
 
 
 def synthetic_blobs(
@@ -56,6 +56,81 @@ def synthetic_blobs(
     return rgb, remap[instances]
 
 
+def synthetic_cells(
+    rng: np.random.Generator,
+    height: int = 256,
+    width: int = 256,
+    radius: tuple[float, float] = (2.5, 24.0),
+    coverage: tuple[float, float] = (0.03, 0.55),
+    max_objects: int = 300,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One RGB uint8 image `(H, W, 3)` of many touching, textured ellipses, and its instance map.
+
+    Each image draws a typical object radius (log-uniform in `radius`, pixels) and a fraction of the image to cover
+    (`coverage`), then places wobbly ellipses of about that size at random, some in clusters, allowed to touch and
+    overlap a little (later ones cover earlier ones). Objects vary in brightness and carry their own smooth texture
+    and shading; the image is then blurred a little, so edges are soft, and noised. Half the images are bright objects
+    on a dark background, the rest dark on light, some tinted. Ids are renumbered 1..N over the visible objects.
+    """
+    instances = np.zeros((height, width), np.int32)
+    dark_background = rng.random() < 0.5
+    background = ndimage.gaussian_filter(rng.normal(0, 1, (height, width)), sigma=rng.uniform(8, 48))
+    background = (background - background.min()) / (np.ptp(background) + 1e-6)
+    base = rng.uniform(0.0, 0.2) if dark_background else rng.uniform(0.65, 0.95)
+    intensity = base + rng.uniform(0.0, 0.2) * (background - 0.5)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, (height, width)), sigma=rng.uniform(0.7, 2.5))
+    texture = texture / (texture.std() + 1e-6)
+    r0 = float(np.exp(rng.uniform(np.log(radius[0]), np.log(radius[1]))))
+    n = int(np.clip(rng.uniform(*coverage) * height * width / (np.pi * r0**2), 1, max_objects))
+    clusters = rng.uniform((0, 0), (height, width), size=(int(rng.integers(1, 6)), 2))
+    clustered = rng.random() * 0.7
+    mean_contrast = rng.uniform(0.25, 0.75)
+    spacing = rng.uniform(0.65, 1.0)
+    placed: list[tuple[float, float, float]] = []
+    for i in range(1, n + 1):
+        r = r0 * float(np.exp(rng.normal(0, 0.25)))
+        for _ in range(20):
+            if rng.random() < clustered:
+                cy, cx = clusters[rng.integers(len(clusters))] + rng.normal(0, 4 * r0, 2)
+            else:
+                cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            if all(np.hypot(cy - y, cx - x) > spacing * (r + s) for y, x, s in placed):
+                break
+        else:
+            continue
+        placed.append((cy, cx, r))
+        a, b = r * rng.uniform(0.75, 1.3), r * rng.uniform(0.7, 1.0)
+        theta = rng.uniform(0, np.pi)
+        reach = 1.6 * max(a, b) + 2
+        y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 1, height)
+        x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 1, width)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy, dx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dy, dx = dy - cy, dx - cx
+        u = (dx * np.cos(theta) + dy * np.sin(theta)) / a
+        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / b
+        angle = np.arctan2(v, u)
+        wobble = 1 + sum(rng.uniform(0, 0.08) * np.sin(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+        rho = np.hypot(u, v) / wobble
+        inside = rho < 1
+        window = (slice(y0, y1), slice(x0, x1))
+        instances[window][inside] = i
+        contrast = mean_contrast * rng.uniform(0.4, 1.3) * (1 if dark_background else -1)
+        shade = 1 - rng.uniform(0, 0.4) * np.clip(rho, 0, 1) ** 2
+        grain = 1 + rng.uniform(0, 0.35) * texture[window]
+        intensity[window] = np.where(inside, base + contrast * shade * grain, intensity[window])
+    intensity = ndimage.gaussian_filter(intensity, sigma=rng.uniform(0.3, 1.5))
+    intensity = intensity + rng.normal(0, rng.uniform(0.005, 0.05), intensity.shape)
+    tint = rng.uniform(0.5, 1.0, 3) if rng.random() < 0.4 else np.ones(3)
+    rgb = np.clip(intensity[..., None] * tint * 255, 0, 255).astype(np.uint8)
+    visible = np.unique(instances)
+    visible = visible[visible > 0]
+    remap = np.zeros(instances.max() + 1, np.int32)
+    remap[visible] = np.arange(1, len(visible) + 1)
+    return rgb, remap[instances]
+
+
 def synthetic_dataset(
     num_images: int, seed: int = 0, size_range: tuple[int, int] = (192, 320), shape: str = "blob"
 ) -> datasets.Dataset:
@@ -64,7 +139,10 @@ def synthetic_dataset(
     images, labels = [], []
     for _ in range(num_images):
         h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
-        rgb, inst = synthetic_blobs(rng, h, w, shape=shape)
+        if shape == "cells":
+            rgb, inst = synthetic_cells(rng, h, w)
+        else:
+            rgb, inst = synthetic_blobs(rng, h, w, shape=shape)
         images.append(Image.fromarray(rgb))
         labels.append(Image.fromarray(inst.astype(np.uint16)))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
