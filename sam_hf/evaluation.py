@@ -164,6 +164,33 @@ def _object_crops(
     return pred[sl], instances[sl] == object_id
 
 
+def encoder_groups(predictors: dict[str, SamPredictor]) -> list[list[str]]:
+    """The models' names grouped by identical image side (weights and image processor): each group shares one image
+    encoding."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, predictor in predictors.items():
+        key = (
+            image_side_fingerprint(predictor.model),
+            json.dumps(predictor.processor.image_processor.to_dict(), sort_keys=True, default=str),
+        )
+        groups.setdefault(key, []).append(name)
+    logger.info("%d model(s), %d distinct image encoder(s)", len(predictors), len(groups))
+    return list(groups.values())
+
+
+def set_shared_image(
+    group: list[SamPredictor], image: np.ndarray | None, cached: Any = None, row: dict | None = None
+) -> None:
+    """Encode `image` once (or take the `cached` features of `row`) for every predictor of one encoder group."""
+    first = group[0]
+    if cached is not None:
+        first.set_image_embeddings(cached, row["original_sizes"], row["reshaped_input_sizes"])
+    else:
+        first.set_image(image)
+    for predictor in group[1:]:
+        predictor.set_image_embeddings(first.image_embeddings, first.original_size, first.reshaped_size)
+
+
 def evaluate_models(
     predictors: dict[str, SamPredictor],
     dataset: datasets.Dataset,
@@ -201,14 +228,7 @@ def evaluate_models(
     booleans per model and for the ground truth.
     """
     rng = np.random.default_rng(jitter_seed)
-    groups: dict[tuple[str, str], list[str]] = {}
-    for name, predictor in predictors.items():
-        key = (
-            image_side_fingerprint(predictor.model),
-            json.dumps(predictor.processor.image_processor.to_dict(), sort_keys=True, default=str),
-        )
-        groups.setdefault(key, []).append(name)
-    logger.info("%d model(s), %d distinct image encoder(s)", len(predictors), len(groups))
+    groups = encoder_groups(predictors)
     if use_cached_embeddings and (len(groups) != 1 or "image_embeddings" not in dataset.column_names):
         raise ValueError(
             "use_cached_embeddings needs an `image_embeddings` column and models that share one image encoder."
@@ -230,16 +250,11 @@ def evaluate_models(
         num_figure = min(len(boxes), FIGURE_MAX_OBJECTS) if keep_figure else 0
         name = str(row.get("file_name", idx))
         per_model: dict[str, np.ndarray] = {}
-        for members in groups.values():
-            first = predictors[members[0]]
-            if use_cached_embeddings:
-                first.set_image_embeddings(read_embedding(row), row["original_sizes"], row["reshaped_input_sizes"])
-            else:
-                first.set_image(image)
+        for members in groups:
+            cached = read_embedding(row) if use_cached_embeddings else None
+            set_shared_image([predictors[m] for m in members], image, cached, row)
             for member in members:
                 predictor = predictors[member]
-                if predictor is not first:
-                    predictor.set_image_embeddings(first.image_embeddings, first.original_size, first.reshaped_size)
                 figure_masks = []
                 for start in range(0, len(boxes), predictor.chunk_size):
                     masks = predictor.predict(boxes=boxes[start : start + predictor.chunk_size]).masks[:, 0]
@@ -302,13 +317,15 @@ def evaluate_interactive(
     if num_clicks < 1:
         raise ValueError(f"num_clicks must be >= 1, got {num_clicks}.")
     curves: dict[str, dict[str, list[list[float]]]] = {name: {"box": [], "point": []} for name in predictors}
+    groups = encoder_groups(predictors)
     for idx in tqdm(range(len(dataset)), desc="Interactive evaluation", unit="image"):
         row = dataset[idx]
         image = to_rgb_array(row["image"])
         instances = mask_to_instances(row["label"], mask_type)
         boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)[:max_objects_per_image]
+        for group in groups:
+            set_shared_image([predictors[name] for name in group], image)
         for name, predictor in predictors.items():
-            predictor.set_image(image)
             for k, box in enumerate(boxes):
                 target = instances == k + 1
                 curves[name]["box"].append(interactive_curve(predictor, target, box, num_clicks))

@@ -157,6 +157,21 @@ def test_interactive_training_with_the_encoder_unfrozen(tiny_model_dir, nuclei_d
     )  # fmt: skip
 
 
+def test_interactive_evaluation_encodes_each_image_once_per_encoder(tiny_model_dir, nuclei_dir):
+    from sam_hf.config import DataArguments
+    from sam_hf.evaluation import evaluate_interactive, load_split
+    from sam_hf.inference import SamPredictor
+
+    predictors = {name: SamPredictor.from_pretrained(str(tiny_model_dir)) for name in ("a", "b")}
+    calls = []
+    for predictor in predictors.values():
+        predictor.model.vision_encoder.register_forward_hook(lambda *_: calls.append(1))
+    data = load_split(DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=2), "eval", 42, None, None)
+    result = evaluate_interactive(predictors, data, num_clicks=1, max_objects_per_image=2)
+    assert len(calls) == 2  # two images, one shared encoder
+    assert result["models"]["a"] == result["models"]["b"]
+
+
 def test_evaluate_interactive_curve(tiny_model_dir, nuclei_dir, tmp_path):
     from sam_hf.config import DataArguments
     from sam_hf.evaluation import EvaluateArguments, run_evaluation, to_markdown
