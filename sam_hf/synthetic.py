@@ -47,7 +47,15 @@ def synthetic_blobs(
         shade = 1 - 0.3 * rng.random() * np.clip(np.hypot(u, v), 0, 1)
         intensity = np.where(inside, base + contrast * shade, intensity)
     intensity = intensity + rng.normal(0, rng.uniform(0.01, 0.06), intensity.shape)
-    tint = rng.uniform(0.6, 1.0, 3) if rng.random() < 0.4 else np.ones(3)
+    return _finish(rng, intensity, instances, min_tint=0.6)
+
+
+def _finish(
+    rng: np.random.Generator, intensity: np.ndarray, instances: np.ndarray, min_tint: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The RGB image (a random colour tint on 40% of images) and the instance map renumbered 1..n over the objects
+    that stayed visible (later objects may cover earlier ones)."""
+    tint = rng.uniform(min_tint, 1.0, 3) if rng.random() < 0.4 else np.ones(3)
     rgb = np.clip(intensity[..., None] * tint * 255, 0, 255).astype(np.uint8)
     visible = np.unique(instances)
     visible = visible[visible > 0]
@@ -122,13 +130,7 @@ def synthetic_cells(
         intensity[window] = np.where(inside, base + contrast * shade * grain, intensity[window])
     intensity = ndimage.gaussian_filter(intensity, sigma=rng.uniform(0.3, 1.5))
     intensity = intensity + rng.normal(0, rng.uniform(0.005, 0.05), intensity.shape)
-    tint = rng.uniform(0.5, 1.0, 3) if rng.random() < 0.4 else np.ones(3)
-    rgb = np.clip(intensity[..., None] * tint * 255, 0, 255).astype(np.uint8)
-    visible = np.unique(instances)
-    visible = visible[visible > 0]
-    remap = np.zeros(instances.max() + 1, np.int32)
-    remap[visible] = np.arange(1, len(visible) + 1)
-    return rgb, remap[instances]
+    return _finish(rng, intensity, instances, min_tint=0.5)
 
 
 def synthetic_dataset(
