@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .family import Geometry, as_levels, family_of
+from .family import as_levels, family_of
 from .interactive import correction_clicks, parse_prompt_types
 from .loss import SamDiceCELoss, iou_prediction_loss, multimask_loss
 from .metrics import object_stats
@@ -322,7 +322,6 @@ class SamTrainer(Trainer):
 
     def object_stats(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """`(B, K, 3)` intersection / predicted / ground-truth areas at original resolution; padding rows are -100."""
-        geometry = Geometry.of_processor(self.processing_class)
         b, k = logits.shape[:2]
         stats = torch.full((b, k, 3), -100.0, dtype=torch.float64, device=logits.device)
         for i in range(b):
@@ -333,7 +332,7 @@ class SamTrainer(Trainer):
             for start in range(0, n_objects, self.eval_chunk_size):
                 # Stop at the last real object: the collator pads with id 0, which must not be scored.
                 sl = slice(start, min(start + self.eval_chunk_size, n_objects))
-                pred = geometry.upscale(logits[i, sl], (h, w), inputs["reshaped_input_sizes"][i].tolist()) > 0
+                pred = self.geometry.upscale(logits[i, sl], (h, w), inputs["reshaped_input_sizes"][i].tolist()) > 0
                 target = instances[None] == ids[sl, None, None]
                 stats[i, sl] = object_stats(pred, target)
         return stats
