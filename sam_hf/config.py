@@ -108,6 +108,12 @@ class DataArguments:
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}.")
 
+    @property
+    def label_mask_type(self) -> str:
+        """How the labels the pipeline reads are decoded: tiles (`--tile_size`) carry instance maps, whatever
+        `--mask_type` said of the source's masks."""
+        return "instance" if self.tile_size else self.mask_type
+
 
 @dataclass
 class SamArguments:

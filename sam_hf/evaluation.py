@@ -566,8 +566,7 @@ def load_split(data_args: DataArguments, split: str, seed: int, cache_dir: str |
         ds = tile_dataset(
             ds, data_args.tile_size, data_args.tile_overlap, data_args.tile_min_visible, data_args.mask_type, split
         )
-        data_args.mask_type = "instance"
-    return index_objects(ds, data_args.mask_type, split, data_args.preprocessing_num_workers)
+    return index_objects(ds, data_args.label_mask_type, split, data_args.preprocessing_num_workers)
 
 
 def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> dict[str, Any]:
@@ -588,7 +587,7 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
     result = evaluate_models(
         predictors,
         dataset,
-        mask_type=data_args.mask_type,
+        mask_type=data_args.label_mask_type,
         box_jitter=eval_args.box_jitter,
         jitter_seed=eval_args.jitter_seed,
         num_figure_images=eval_args.num_figure_images,
@@ -605,7 +604,7 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
         summary["automatic"] = evaluate_automatic(
             predictors,
             dataset,
-            mask_type=data_args.mask_type,
+            mask_type=data_args.label_mask_type,
             points_per_crop=eval_args.points_per_crop,
             pred_iou_thresh=eval_args.pred_iou_thresh,
             stability_score_thresh=eval_args.stability_score_thresh,
@@ -621,7 +620,7 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
             predictors,
             dataset,
             eval_args.interactive_clicks,
-            mask_type=data_args.mask_type,
+            mask_type=data_args.label_mask_type,
             max_objects_per_image=eval_args.interactive_max_objects,
         )
     out = Path(eval_args.output_dir)

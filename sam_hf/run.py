@@ -187,7 +187,6 @@ def tile_splits(train_ds, eval_ds, data_args: DataArguments):
     }
     train_ds = tile_dataset(train_ds, split_name="train", **kwargs)
     eval_ds = tile_dataset(eval_ds, split_name="eval", **kwargs) if eval_ds is not None else None
-    data_args.mask_type = "instance"
     return train_ds, eval_ds
 
 
@@ -526,9 +525,9 @@ def run_training(
                 eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
             if data_args.tile_size:
                 train_ds, eval_ds = tile_splits(train_ds, eval_ds, data_args)
-        train_ds = index_objects(train_ds, data_args.mask_type, "train", data_args.preprocessing_num_workers)
+        train_ds = index_objects(train_ds, data_args.label_mask_type, "train", data_args.preprocessing_num_workers)
         if eval_ds is not None:
-            eval_ds = index_objects(eval_ds, data_args.mask_type, "eval", data_args.preprocessing_num_workers)
+            eval_ds = index_objects(eval_ds, data_args.label_mask_type, "eval", data_args.preprocessing_num_workers)
         if sam_args.cache_embeddings:
             # The frozen encoder runs once per image here, never in the training loop.
             embed = partial(
@@ -557,7 +556,7 @@ def run_training(
         train=True,
         box_jitter=sam_args.box_jitter,
         max_objects_per_image=sam_args.max_objects_per_image,
-        mask_type=data_args.mask_type,
+        mask_type=data_args.label_mask_type,
         seed=training_args.seed,
         point_prompts=bool(multimask_every) or "point" in sam_args.prompt_types,
     )
@@ -568,7 +567,7 @@ def run_training(
         train_ds = train_ds.with_transform(train_transform)
     if eval_ds is not None:
         eval_ds = eval_ds.with_transform(
-            SamTransform(processor, train=False, mask_type=data_args.mask_type, with_instances=True)
+            SamTransform(processor, train=False, mask_type=data_args.label_mask_type, with_instances=True)
         )
 
     frozen = [
@@ -665,7 +664,7 @@ def run_training(
         # The model and metrics are saved: an optional figure must not fail the run, nor keep the card or the push
         # from happening.
         try:
-            figures = write_figures(trainer, processor, figure_images, data_args.mask_type)
+            figures = write_figures(trainer, processor, figure_images, data_args.label_mask_type)
         except Exception as err:
             logger.warning("Figures not written (%s: %s).", type(err).__name__, err, exc_info=True)
     if training_args.push_to_hub:

@@ -75,8 +75,11 @@ def test_training_on_tiles(tiny_model_dir, nuclei_dir, tmp_path, caplog):
         "--max_eval_samples", "1", "--max_objects_per_image", "4", "--eval_strategy", "no", "--save_strategy", "no",
         "--report_to", "none", "--tile_size", "128", "--tile_overlap", "32", "--eval_before_training", "false",
     ]  # fmt: skip
+    args = parse_args(argv)
     with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
-        run_training(*parse_args(argv))
+        run_training(*args)
+    # The tiles' labels are read as instance maps; the user's arguments are left as they were given.
+    assert args[1].mask_type == "auto" and args[1].label_mask_type == "instance"
     # 256 x 256 images, tiles at 0, 96 and 128 on each axis: 9 tiles per image.
     assert "Split 'train': 2 images -> 18 tiles of 128 px" in caplog.text
     assert "Split 'eval': 1 images -> " in caplog.text
