@@ -112,12 +112,14 @@ def main() -> None:
     parser.add_argument("--lambda_ce", type=float, default=0.0)
     parser.add_argument("--eval_steps", type=int, default=500)
     parser.add_argument("--warmup_steps", type=int, default=200)
-    parser.add_argument("--shape", default="cells", choices=["cells", "blob", "box"])
+    parser.add_argument("--shape", default="cells", choices=["cells", "nuclei", "blob", "box"])
     parser.add_argument("--patch_size", type=int, default=8)
     parser.add_argument("--window_size", type=int, default=8)
     parser.add_argument("--position_scale", type=float, default=2.5)
     parser.add_argument("--max_objects_per_image", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--box_jitter", type=float, default=8.0)
+    parser.add_argument("--save_steps", type=int, default=0, help="Keep a checkpoint every this many steps (0: none).")
     parser.add_argument("--init_from", default=None, help="Start from this checkpoint instead of a random init.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -146,7 +148,7 @@ def main() -> None:
             ModelArguments(model_name_or_path=start),
             DataArguments(dataset_name=str(work / "data"), mask_type="instance"),
             SamArguments(
-                box_jitter=8,
+                box_jitter=args.box_jitter,
                 max_objects_per_image=args.max_objects_per_image,
                 freeze_vision_encoder=False,
                 freeze_prompt_encoder=False,
@@ -166,7 +168,9 @@ def main() -> None:
                 logging_steps=50,
                 eval_strategy="steps",
                 eval_steps=args.eval_steps,
-                save_strategy="no",
+                save_strategy="steps" if args.save_steps else "no",
+                save_steps=args.save_steps or 500,
+                save_total_limit=2,
                 report_to="none",
                 seed=args.seed,
                 dataloader_num_workers=1,
