@@ -60,9 +60,10 @@ Recipe notes, measured on 2 CPU cores:
   images (0.373), with synthetic eval Dice still rising (0.48, 0.58, 0.61, 0.65 at steps 750 to 3,000). It is not
   the committed base because the demo's decoder tuning makes it worse, at every setting tried: learning rate 1e-3
   (0.732), 3e-4 (0.750), 1e-4 (0.735), 2e-5 (0.753), no multimask term (0.730), no IoU loss (0.732), exact
-  training boxes with 32 per image (0.753), 256-px tiles (0.776 -> 0.729). Training Dice rises meanwhile (the
-  320-px training images 0.710 -> 0.809 while held-out ones of that size fall 0.682 -> 0.644), and held-out Dice
-  swings by up to 0.07 between evaluations 25 steps apart. The loss is not an artefact of the 8-image split: on
+  training boxes with 32 per image (0.753), 256-px tiles (0.776 -> 0.729), without the embedding cache (0.744),
+  only the 15 training images under 500 px (0.732). Training Dice rises meanwhile (the 320-px training images
+  0.710 -> 0.809 while held-out ones of that size fall 0.682 -> 0.644), and held-out Dice swings by up to 0.07
+  between evaluations 25 steps apart. The loss is not an artefact of the 8-image split: on
   the 126 images of `../shared/data/dsb2018_nuclei_train_subset` that the demo does not train on (5,906 nuclei,
   filled box 0.849), stage 4 scores 0.496 and its demo checkpoint 0.518, this base 0.637, and this base after the
   demo's tuning 0.617 (learning rate 3e-4), 0.628 (2e-5) or 0.632 (exact boxes).
