@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["synthetic_blobs", "synthetic_cells", "synthetic_dataset"]
+__all__ = ["NUCLEI_APPEARANCE", "synthetic_blobs", "synthetic_cells", "synthetic_dataset"]
 
 
 def synthetic_blobs(
