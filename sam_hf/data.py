@@ -22,7 +22,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -34,6 +34,9 @@ from transformers import SamProcessor
 from transformers.image_utils import ChannelDimension
 
 from .family import Geometry
+
+if TYPE_CHECKING:
+    from .config import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -499,6 +502,28 @@ def index_objects(
     for column, feature in decoded.items():
         kept = kept.cast_column(column, feature)
     return kept
+
+
+def prepare_split(ds: datasets.Dataset | datasets.IterableDataset, data_args: DataArguments, split_name: str):
+    """One split as training and evaluation read it: cut to `--max_train_samples` / `--max_eval_samples`, cut into
+    tiles with `--tile_size`, then indexed (`index_objects`) with the labels' mask type
+    (`DataArguments.label_mask_type`).
+
+    A streamed split arrives already cut to size (`streaming_splits`), and `--tile_size` is refused with `--streaming`;
+    it is only indexed.
+    """
+    if isinstance(ds, datasets.Dataset):
+        limit = data_args.max_eval_samples if split_name == "eval" else data_args.max_train_samples
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        if data_args.tile_size:
+            from .tiling import tile_dataset  # tiling builds on this module
+
+            ds = tile_dataset(
+                ds, data_args.tile_size, data_args.tile_overlap, data_args.tile_min_visible, data_args.mask_type,
+                split_name,
+            )  # fmt: skip
+    return index_objects(ds, data_args.label_mask_type, split_name, data_args.preprocessing_num_workers)
 
 
 def _open_entry(entry: Any, what: str, load: bool = True) -> Any:

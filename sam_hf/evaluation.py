@@ -28,7 +28,7 @@ if not hasattr(evaluate, "load"):
     )
 from .cache import image_side_fingerprint, read_embedding
 from .config import DataArguments
-from .data import index_objects, jitter_boxes, load_source, mask_to_instances, split_source, to_rgb_array
+from .data import jitter_boxes, load_source, mask_to_instances, prepare_split, split_source, to_rgb_array
 from .inference import SamPredictor
 from .interactive import interactive_curve
 
@@ -557,16 +557,7 @@ def load_split(data_args: DataArguments, split: str, seed: int, cache_dir: str |
         raise ValueError(
             f"--dataset_name {data_args.dataset_name!r} has no eval split and --validation_split_percentage is 0."
         )
-    limit = data_args.max_eval_samples if split == "eval" else data_args.max_train_samples
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    if data_args.tile_size:
-        from .tiling import tile_dataset
-
-        ds = tile_dataset(
-            ds, data_args.tile_size, data_args.tile_overlap, data_args.tile_min_visible, data_args.mask_type, split
-        )
-    return index_objects(ds, data_args.label_mask_type, split, data_args.preprocessing_num_workers)
+    return prepare_split(ds, data_args, split)
 
 
 def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> dict[str, Any]:

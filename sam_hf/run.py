@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .cache import EmbeddingCacheError, add_image_embeddings, quarantine, verify_embedding_cache
 from .config import DataArguments, ModelArguments, SamArguments
-from .data import SamDataCollator, SamTransform, index_objects, load_source, split_source
+from .data import SamDataCollator, SamTransform, load_source, prepare_split, split_source
 from .family import family_of
 from .hub import FIGURES, check_hub_access
 from .interactive import parse_prompt_types
@@ -31,7 +31,6 @@ from .lora import add_lora_adapters, lora_card_info
 from .loss import SamDiceCELoss
 from .metrics import compute_metrics
 from .modeling import count_parameters, freeze_modules, freeze_unused_decoder_outputs, load_model_and_processor
-from .tiling import tile_dataset
 from .trainer import PromptEpochCallback, SamTrainer
 
 logger = logging.getLogger(__name__)
@@ -175,19 +174,6 @@ def loss_description(sam_args: SamArguments) -> str:
             + ("" if every == 1 else ", summed over those objects and divided by the number of box-prompted objects")
         )
     return text + "."
-
-
-def tile_splits(train_ds, eval_ds, data_args: DataArguments):
-    """Both splits cut into tiles (`sam_hf.tiling`); the tiles' labels are instance maps from then on."""
-    kwargs = {
-        "tile_size": data_args.tile_size,
-        "tile_overlap": data_args.tile_overlap,
-        "min_visible": data_args.tile_min_visible,
-        "mask_type": data_args.mask_type,
-    }
-    train_ds = tile_dataset(train_ds, split_name="train", **kwargs)
-    eval_ds = tile_dataset(eval_ds, split_name="eval", **kwargs) if eval_ds is not None else None
-    return train_ds, eval_ds
 
 
 def interactive_recipe(sam_args: SamArguments) -> str:
@@ -519,15 +505,9 @@ def run_training(
                 data_args.validation_split_percentage,
                 training_args.seed,
             )
-            if data_args.max_train_samples is not None:
-                train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
-            if eval_ds is not None and data_args.max_eval_samples is not None:
-                eval_ds = eval_ds.select(range(min(data_args.max_eval_samples, len(eval_ds))))
-            if data_args.tile_size:
-                train_ds, eval_ds = tile_splits(train_ds, eval_ds, data_args)
-        train_ds = index_objects(train_ds, data_args.label_mask_type, "train", data_args.preprocessing_num_workers)
+        train_ds = prepare_split(train_ds, data_args, "train")
         if eval_ds is not None:
-            eval_ds = index_objects(eval_ds, data_args.label_mask_type, "eval", data_args.preprocessing_num_workers)
+            eval_ds = prepare_split(eval_ds, data_args, "eval")
         if sam_args.cache_embeddings:
             # The frozen encoder runs once per image here, never in the training loop.
             embed = partial(
