@@ -178,8 +178,23 @@ def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_pat
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == json.loads(json.dumps(summary))
     assert (tmp_path / "eval" / "base_vs_tuned.png").is_file()
 
-    image = np.asarray(Image.open(sorted((nuclei_dir / "images").glob("*.png"))[0]).convert("RGB"))
     predictor = SamPredictor.from_pretrained(str(out))
+    # Each image's mean Dice, worked out here from the predictor's masks and the instance maps on disk.
+    for scored in summary["models"]["tuned"]["per_image"]:
+        stem = Path(scored["name"]).stem
+        image = np.asarray(Image.open(nuclei_dir / "images" / f"{stem}.png").convert("RGB"))
+        instances = np.asarray(Image.open(nuclei_dir / "instances" / f"{stem}.png")).astype(np.int64)
+        ids = [i for i in np.unique(instances) if i > 0]
+        boxes = []
+        for i in ids:
+            ys, xs = np.nonzero(instances == i)
+            boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+        masks = predictor(image, boxes=np.asarray(boxes, np.float32)).masks[:, 0]
+        dice = [2 * (m & (instances == i)).sum() / (m.sum() + (instances == i).sum()) for m, i in zip(masks, ids)]
+        assert scored["num_objects"] == len(ids)
+        assert scored["dice"] == pytest.approx(float(np.mean(dice)), abs=1e-6)
+
+    image = np.asarray(Image.open(sorted((nuclei_dir / "images").glob("*.png"))[0]).convert("RGB"))
     prediction = predictor(image, boxes=[[10, 10, 60, 50]])
     assert prediction.masks.shape == (1, 1, *image.shape[:2]) and prediction.masks.dtype == bool
     assert prediction.logits.shape[-1] == predictor.geometry.mask_side
