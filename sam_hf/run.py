@@ -268,14 +268,17 @@ def training_summary(
     eval_images: int | None = None,
     next_command: str | None = None,
     hub_model_id: str | None = None,
+    eval_unit: str = "images",
 ) -> str:
     """The few lines a run ends with: held-out Dice and IoU before -> after, the filled-box baseline, where the
-    model, card and figures are, and the next command to run."""
+    model, card and figures are, and the next command to run. `eval_unit` names what the `eval_images` rows are
+    (`"tiles"` for a tiled split)."""
     lines = ["Training finished."]
     after = {k: metrics.get(f"eval_{k}") for k in ("dice", "iou")}
     if after["dice"] is not None:
         objects = metrics.get("eval_num_objects", metrics.get("base_eval_num_objects"))
-        where = " on the held-out images" if eval_images is None else f" on the {eval_images} held-out images"
+        count = "" if eval_images is None else f"{eval_images} "
+        where = f" on the {count}held-out {eval_unit}"
         where += f" ({objects:g} objects)" if objects is not None else ""
         best = f" (best checkpoint, step {best_step})" if best_step is not None else ""
         lines.append(f"Per-object scores{where}, exact box prompts{best}:")
@@ -665,6 +668,7 @@ def run_training(
             if eval_ds is not None
             else None,
             hub_model_id=training_args.hub_model_id if training_args.push_to_hub else None,
+            eval_unit="tiles" if data_args.tile_size else "images",
         )
         if training_args.log_level == "passive":
             # The summary shows at the default verbosity, which keeps sam_hf's other info lines quiet.

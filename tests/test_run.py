@@ -320,6 +320,9 @@ def test_training_summary_by_hand():
         "  python scripts/evaluate.py --model base=m tuned=runs/demo",
     ]
     # Without evaluation: only where the model is.
+    # A tiled split counts tiles, not images.
+    tiled = training_summary(metrics, "out", eval_images=39, eval_unit="tiles").splitlines()
+    assert tiled[1].startswith("Per-object scores on the 39 held-out tiles (226 objects), exact box prompts")
     assert training_summary({"train_loss": 0.5}, "out").splitlines() == [
         "Training finished.",
         "Model and model card: out/ (README.md)",
