@@ -68,6 +68,14 @@ class DataArguments:
     tile_min_visible: float = field(
         default=0.5, metadata={"help": "With --tile_size: fraction of an object a tile must hold to keep it."}
     )
+    object_crop_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Train and evaluate on one square crop per object, this many times the longer side of its box and "
+            "centred on it (sam_hf.tiling), so that small and large objects reach the model at the same size; predict "
+            "with the same value (scripts/predict.py --object_crop_scale). 6 to 8 suits nuclei."
+        },
+    )
     streaming: bool = field(
         default=False,
         metadata={
@@ -97,6 +105,18 @@ class DataArguments:
                 raise ValueError(
                     "--tile_size cuts a dataset held on disk into tiles; it does not work with --streaming."
                 )
+        if self.object_crop_scale is not None:
+            if not self.object_crop_scale >= 1:
+                raise ValueError(
+                    "--object_crop_scale must be >= 1 so that each crop holds its object, got "
+                    f"{self.object_crop_scale}."
+                )
+            if self.tile_size is not None:
+                raise ValueError("--object_crop_scale and --tile_size are two ways to window the images: choose one.")
+            if self.streaming:
+                raise ValueError(
+                    "--object_crop_scale crops a dataset held on disk into objects; it does not work with --streaming."
+                )
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"--mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}.")
         if not 0 <= self.validation_split_percentage < 100:
@@ -110,9 +130,14 @@ class DataArguments:
 
     @property
     def label_mask_type(self) -> str:
-        """How the labels the pipeline reads are decoded: tiles (`--tile_size`) carry instance maps, whatever
-        `--mask_type` said of the source's masks."""
-        return "instance" if self.tile_size else self.mask_type
+        """How the labels the pipeline reads are decoded: tiles (`--tile_size`) and object crops
+        (`--object_crop_scale`) carry instance maps, whatever `--mask_type` said of the source's masks."""
+        return "instance" if self.tile_size or self.object_crop_scale else self.mask_type
+
+    @property
+    def eval_unit(self) -> str:
+        """What a row of a prepared split is: `"images"`, `"tiles"` or `"object crops"`."""
+        return "tiles" if self.tile_size else "object crops" if self.object_crop_scale else "images"
 
 
 @dataclass

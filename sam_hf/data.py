@@ -506,11 +506,11 @@ def index_objects(
 
 def prepare_split(ds: datasets.Dataset | datasets.IterableDataset, data_args: DataArguments, split_name: str):
     """One split as training and evaluation read it: cut to `--max_train_samples` / `--max_eval_samples`, cut into
-    tiles with `--tile_size`, then indexed (`index_objects`) with the labels' mask type
-    (`DataArguments.label_mask_type`).
+    tiles with `--tile_size` or object crops with `--object_crop_scale`, then indexed (`index_objects`) with the
+    labels' mask type (`DataArguments.label_mask_type`).
 
-    A streamed split arrives already cut to size (`streaming_splits`), and `--tile_size` is refused with `--streaming`;
-    it is only indexed.
+    A streamed split arrives already cut to size (`streaming_splits`), and tiles and crops are refused with
+    `--streaming`; it is only indexed.
     """
     if isinstance(ds, datasets.Dataset):
         limit = data_args.max_eval_samples if split_name == "eval" else data_args.max_train_samples
@@ -523,6 +523,10 @@ def prepare_split(ds: datasets.Dataset | datasets.IterableDataset, data_args: Da
                 ds, data_args.tile_size, data_args.tile_overlap, data_args.tile_min_visible, data_args.mask_type,
                 split_name,
             )  # fmt: skip
+        elif data_args.object_crop_scale:
+            from .tiling import crop_objects
+
+            ds = crop_objects(ds, data_args.object_crop_scale, data_args.mask_type, split_name)
     return index_objects(ds, data_args.label_mask_type, split_name, data_args.preprocessing_num_workers)
 
 

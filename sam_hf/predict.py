@@ -88,6 +88,13 @@ class PredictArguments:
         metadata={"help": "Decode each prompt on the square tile of this size that holds it (large images)."},
     )
     tile_overlap: int = field(default=0, metadata={"help": "With --tile_size: overlap of neighbouring tiles, px."})
+    object_crop_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Decode each prompt on its own square crop, this many times the longer side of its box (the value "
+            "a model was trained with, --object_crop_scale of train.py)."
+        },
+    )
     text: str | None = field(
         default=None,
         metadata={"help": "A text prompt ('nucleus'): CLIPSeg's heat map gives one box per blob, SAM refines each."},
@@ -109,10 +116,17 @@ class PredictArguments:
             raise ValueError("Give prompts either on the command line (--boxes/--points) or in --prompts, not both.")
         if self.point_labels is not None and self.points is None:
             raise ValueError("--point_labels needs --points.")
-        if self.mask_input is not None and self.tile_size is not None:
-            raise ValueError("--mask_input works on the whole image; drop --tile_size to use it.")
-        if self.text is not None and (self.tile_size is not None or self.mask_input is not None):
-            raise ValueError("--text finds its boxes on the whole image: drop --tile_size and --mask_input.")
+        windows = [f"--{name}" for name in ("tile_size", "object_crop_scale") if getattr(self, name) is not None]
+        if len(windows) > 1:
+            raise ValueError("--tile_size and --object_crop_scale are two ways to window the image: choose one.")
+        if self.mask_input is not None and windows:
+            raise ValueError(f"--mask_input works on the whole image; drop {windows[0]} to use it.")
+        if self.text is not None and (windows or self.mask_input is not None):
+            raise ValueError(
+                f"--text finds its boxes on the whole image: drop {' and '.join(windows + ['--mask_input'])}."
+            )
+        if self.object_crop_scale is not None and not self.object_crop_scale >= 1:
+            raise ValueError(f"--object_crop_scale must be >= 1, got {self.object_crop_scale}.")
         if self.tile_size is not None and not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"Expected 0 <= --tile_overlap < --tile_size, got {self.tile_overlap}, {self.tile_size}.")
 
@@ -288,6 +302,10 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
         from .tiling import TiledPredictor
 
         predictor = TiledPredictor(model, args.tile_size, args.tile_overlap)
+    elif args.object_crop_scale is not None:
+        from .tiling import ObjectCropPredictor
+
+        predictor = ObjectCropPredictor(model, args.object_crop_scale)
     paths = _list_images(Path(args.images))
     prompts = load_prompts(args, paths)
     if args.mask_input is not None and len(paths) != 1:

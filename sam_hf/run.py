@@ -272,7 +272,7 @@ def training_summary(
 ) -> str:
     """The few lines a run ends with: held-out Dice and IoU before -> after, the filled-box baseline, where the
     model, card and figures are, and the next command to run. `eval_unit` names what the `eval_images` rows are
-    (`"tiles"` for a tiled split)."""
+    (`DataArguments.eval_unit`: images, tiles or object crops)."""
     lines = ["Training finished."]
     after = {k: metrics.get(f"eval_{k}") for k in ("dice", "iou")}
     if after["dice"] is not None:
@@ -668,7 +668,7 @@ def run_training(
             if eval_ds is not None
             else None,
             hub_model_id=training_args.hub_model_id if training_args.push_to_hub else None,
-            eval_unit="tiles" if data_args.tile_size else "images",
+            eval_unit=data_args.eval_unit,
         )
         if training_args.log_level == "passive":
             # The summary shows at the default verbosity, which keeps sam_hf's other info lines quiet.

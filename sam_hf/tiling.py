@@ -13,6 +13,13 @@ The counts of whole, cut-and-kept and dropped fragments are logged per split.
 
 Prediction on tiles (`TiledPredictor`): each prompt is decoded on the tile that contains it with the widest margin,
 and its mask is pasted back into the full image. A prompt that fits in no tile is decoded on the whole image.
+
+Object crops (`--object_crop_scale`, `crop_objects`, `ObjectCropPredictor`): one square window per object, `scale`
+times the longer side of its box and centred on it, so that every object reaches the model at about the same size,
+whatever its size in the image. Small objects are enlarged (nuclei 10 px wide fill a few cells of a 32x32 embedding
+grid when the whole image is the input) and large ones are never cut. A training or evaluation row is one object
+in its crop: the other objects of the window are background there. Prediction crops around each box prompt the same
+way; each crop is encoded once per prompt.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ from typing import Any
 import datasets
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from .data import mask_to_instances, to_rgb_array
 from .inference import SamPrediction, validate_prompts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TiledPredictor", "tile_dataset", "tile_origins"]
+__all__ = ["ObjectCropPredictor", "TiledPredictor", "crop_objects", "object_window", "tile_dataset", "tile_origins"]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -149,7 +157,159 @@ def tile_dataset(
     return tiled.remove_columns("_tile_counts")
 
 
-class TiledPredictor:
+def object_window(box: Any, scale: float, height: int, width: int) -> tuple[int, int, int, int]:
+    """`(y0, x0, y1, x1)` (end exclusive) of the square window around the xyxy `box` (inclusive pixel coordinates):
+    `ceil(scale * longer side)` pixels, centred on the box, moved inside the image and cut to it where the image is
+    smaller. With `scale >= 1` the window holds the whole box."""
+    x0, y0, x1, y1 = (float(v) for v in np.asarray(box, np.float64).reshape(4))
+    side = int(np.ceil(scale * max(x1 - x0 + 1, y1 - y0 + 1)))
+
+    def span(low: float, high: float, size: int) -> tuple[int, int]:
+        start = int(np.floor((low + high + 1) / 2 - side / 2 + 0.5))
+        start = min(max(start, 0), max(size - side, 0))
+        return start, min(start + side, size)
+
+    (wy0, wy1), (wx0, wx1) = span(y0, y1, height), span(x0, x1, width)
+    return wy0, wx0, wy1, wx1
+
+
+def crop_objects(
+    ds: datasets.Dataset, scale: float, mask_type: str = "auto", split_name: str = "train"
+) -> datasets.Dataset:
+    """One row per object: its `object_window` crop of the image, and a label that holds only that object.
+
+    Args:
+        ds (`datasets.Dataset`): rows with `image` and `label` (and optionally `file_name`).
+        scale (`float`): side of each crop, as a multiple of the longer side of the object's box (at least 1).
+        mask_type (`str`, *optional*, defaults to `"auto"`): how the labels become objects (`mask_to_instances`).
+        split_name (`str`): for logs and errors.
+
+    Returns:
+        A dataset with `image` (the crop), `label` (uint16, 1 on the object, 0 elsewhere, the other objects of the
+        crop included) and `file_name` (`<name>#<object id>`).
+    """
+    if not scale >= 1:
+        raise ValueError(f"--object_crop_scale must be >= 1 so that each crop holds its object, got {scale}.")
+    columns = ds.column_names
+
+    def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"image": [], "label": [], "file_name": []}
+        for row, index in enumerate(indices):
+            name = batch["file_name"][row] if "file_name" in batch else str(index)
+            image = to_rgb_array(batch["image"][row])
+            instances = mask_to_instances(batch["label"][row], mask_type)
+            if instances.shape != image.shape[:2]:
+                raise ValueError(
+                    f"{split_name} row {index} ({name}): image {image.shape[:2]} and mask {instances.shape} differ."
+                )
+            for k, where in enumerate(ndimage.find_objects(instances)):
+                if where is None:
+                    continue
+                box = (where[1].start, where[0].start, where[1].stop - 1, where[0].stop - 1)
+                y0, x0, y1, x1 = object_window(box, scale, *instances.shape)
+                out["image"].append(Image.fromarray(image[y0:y1, x0:x1]))
+                out["label"].append(Image.fromarray((instances[y0:y1, x0:x1] == k + 1).astype(np.uint16)))
+                out["file_name"].append(f"{name}#{k + 1}")
+        return out
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Image(), "file_name": datasets.Value("string")}
+    )
+    cropped = ds.map(
+        cut,
+        with_indices=True,
+        batched=True,
+        batch_size=8,
+        remove_columns=columns,
+        features=features,
+        desc=f"Cropping objects ({split_name})",
+    )
+    logger.info(
+        "Split %r: %d images -> %d object crops, each %g x the longer side of its object's box",
+        split_name,
+        len(ds),
+        len(cropped),
+        scale,
+    )
+    return cropped
+
+
+class _WindowedPredictor:
+    """A `SamPredictor` that decodes each prompt on a window of the image and pastes its mask back; subclasses choose
+    the window (`window`). `set_image` keeps the image; each window a prompt needs is encoded when it is first used
+    and kept until another one is. The logits returned are those of each prompt's window, so they cannot be fed back
+    as `mask_input`."""
+
+    #: What the windows are, for messages.
+    what = "window"
+
+    def __init__(self, predictor: Any):
+        self.predictor = predictor
+        self.image: np.ndarray | None = None
+        self._encoded: tuple[int, int, int, int] | None = None
+
+    def set_image(self, image: Any) -> None:
+        self.image = to_rgb_array(image)
+        self._encoded = None
+
+    def window(self, extent: np.ndarray) -> tuple[int, int, int, int] | None:
+        """`(y0, x0, y1, x1)` of the window to decode a prompt of xyxy `extent` on, or `None` for the whole image."""
+        raise NotImplementedError
+
+    def _use(self, window: tuple[int, int, int, int] | None) -> tuple[int, int]:
+        height, width = self.image.shape[:2]
+        window = window or (0, 0, height, width)
+        if window != self._encoded:
+            y0, x0, y1, x1 = window
+            self.predictor.set_image(self.image[y0:y1, x0:x1])
+            self._encoded = window
+        return window[0], window[1]
+
+    def predict(self, boxes: Any = None, points: Any = None, point_labels: Any = None, **kwargs: Any) -> SamPrediction:
+        if self.image is None:
+            raise RuntimeError("Call `set_image(image)` before `predict(...)`.")
+        if kwargs.get("mask_input") is not None:
+            raise ValueError(
+                f"mask_input is not supported with {self.what}s: the logits of such a prediction are per {self.what}."
+            )
+        height, width = self.image.shape[:2]
+        boxes, points, labels = validate_prompts((height, width), boxes, points, point_labels)
+        n = len(boxes) if boxes is not None else len(points)
+        groups: dict[tuple[int, int, int, int] | None, list[int]] = {}
+        for i in range(n):
+            corners = [boxes[i].reshape(2, 2)] if boxes is not None else []
+            if points is not None:
+                corners.append(points[i])
+            xy = np.concatenate(corners)
+            groups.setdefault(self.window(np.concatenate([xy.min(0), xy.max(0)])), []).append(i)
+        if None in groups:
+            logger.info("%d prompt(s) fit in no %s: decoded on the whole image.", len(groups[None]), self.what)
+        masks: list[np.ndarray | None] = [None] * n
+        scores: list[np.ndarray | None] = [None] * n
+        logits: list[np.ndarray | None] = [None] * n
+        for window, members in groups.items():
+            y0, x0 = self._use(window)
+            offset = np.array([x0, y0], np.float64)
+            sub = {}
+            if boxes is not None:
+                sub["boxes"] = boxes[members] - np.tile(offset, 2)
+            if points is not None:
+                sub["points"] = points[members] - offset
+                sub["point_labels"] = labels[members]
+            result = self.predictor.predict(**sub, **kwargs)
+            for j, i in enumerate(members):
+                full = np.zeros((result.masks.shape[1], height, width), bool)
+                crop_h, crop_w = result.masks.shape[-2:]
+                full[:, y0 : y0 + crop_h, x0 : x0 + crop_w] = result.masks[j]
+                masks[i], scores[i], logits[i] = full, result.scores[j], result.logits[j]
+        return SamPrediction(np.stack(masks), np.stack(scores), np.stack(logits))
+
+    def __call__(self, image: Any, **prompts: Any) -> SamPrediction:
+        self.set_image(image)
+        return self.predict(**prompts)
+
+
+class TiledPredictor(_WindowedPredictor):
     """A `SamPredictor` over the tiles of a large image: each prompt is decoded on one tile and pasted back.
 
     Args:
@@ -161,25 +321,11 @@ class TiledPredictor:
     cannot be fed back as `mask_input`.
     """
 
+    what = "tile"
+
     def __init__(self, predictor: Any, tile_size: int, tile_overlap: int = 0):
-        self.predictor = predictor
+        super().__init__(predictor)
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
-        self.image: np.ndarray | None = None
-        self._encoded: tuple[int, int] | None = None
-
-    def set_image(self, image: Any) -> None:
-        self.image = to_rgb_array(image)
-        self._encoded = None
-
-    def _use_tile(self, origin: tuple[int, int] | None) -> tuple[int, int]:
-        if origin != self._encoded:
-            if origin is None:
-                self.predictor.set_image(self.image)
-            else:
-                y0, x0 = origin
-                self.predictor.set_image(self.image[y0 : y0 + self.tile_size, x0 : x0 + self.tile_size])
-            self._encoded = origin
-        return origin or (0, 0)
 
     def choose_tile(self, extent: np.ndarray) -> tuple[int, int] | None:
         """The tile holding the xyxy `extent` with the widest margin, or `None` when no tile holds it."""
@@ -192,48 +338,35 @@ class TiledPredictor:
                 best, best_margin = (y0, x0), margin
         return best
 
-    def predict(self, boxes: Any = None, points: Any = None, point_labels: Any = None, **kwargs: Any) -> SamPrediction:
-        if self.image is None:
-            raise RuntimeError("Call `set_image(image)` before `predict(...)`.")
-        if kwargs.get("mask_input") is not None:
-            raise ValueError("mask_input is not supported with tiles: the logits of a tiled prediction are per tile.")
+    def window(self, extent: np.ndarray) -> tuple[int, int, int, int] | None:
+        origin = self.choose_tile(extent)
+        if origin is None:
+            return None
         height, width = self.image.shape[:2]
-        boxes, points, labels = validate_prompts((height, width), boxes, points, point_labels)
-        n = len(boxes) if boxes is not None else len(points)
-        extents = []
-        for i in range(n):
-            corners = [boxes[i].reshape(2, 2)] if boxes is not None else []
-            if points is not None:
-                corners.append(points[i])
-            xy = np.concatenate(corners)
-            extents.append(np.concatenate([xy.min(0), xy.max(0)]))
-        groups: dict[tuple[int, int] | None, list[int]] = {}
-        for i, extent in enumerate(extents):
-            groups.setdefault(self.choose_tile(extent), []).append(i)
-        if None in groups:
-            logger.info(
-                "%d prompt(s) fit in no %d-px tile: decoded on the whole image.", len(groups[None]), self.tile_size
-            )
-        masks: list[np.ndarray | None] = [None] * n
-        scores: list[np.ndarray | None] = [None] * n
-        logits: list[np.ndarray | None] = [None] * n
-        for origin, members in groups.items():
-            y0, x0 = self._use_tile(origin)
-            offset = np.array([x0, y0], np.float64)
-            sub = {}
-            if boxes is not None:
-                sub["boxes"] = boxes[members] - np.tile(offset, 2)
-            if points is not None:
-                sub["points"] = points[members] - offset
-                sub["point_labels"] = labels[members]
-            result = self.predictor.predict(**sub, **kwargs)
-            for j, i in enumerate(members):
-                full = np.zeros((result.masks.shape[1], height, width), bool)
-                tile_h, tile_w = result.masks.shape[-2:]
-                full[:, y0 : y0 + tile_h, x0 : x0 + tile_w] = result.masks[j]
-                masks[i], scores[i], logits[i] = full, result.scores[j], result.logits[j]
-        return SamPrediction(np.stack(masks), np.stack(scores), np.stack(logits))
+        y0, x0 = origin
+        return y0, x0, min(y0 + self.tile_size, height), min(x0 + self.tile_size, width)
 
-    def __call__(self, image: Any, **prompts: Any) -> SamPrediction:
-        self.set_image(image)
-        return self.predict(**prompts)
+
+class ObjectCropPredictor(_WindowedPredictor):
+    """A `SamPredictor` that decodes each prompt on its own object crop (`object_window`), as a model trained with
+    `--object_crop_scale` saw its objects, and pastes the mask back into the full image.
+
+    Args:
+        predictor (`SamPredictor`): the model.
+        scale (`float`): side of each crop as a multiple of the longer side of the prompt's box, as in training.
+
+    Each prompt's crop is encoded for it (prompts with the same crop share one encoding). The crop is placed around
+    the box, or around the points of a prompt without a box, whose extent is usually smaller than the object: give
+    boxes.
+    """
+
+    what = "object crop"
+
+    def __init__(self, predictor: Any, scale: float):
+        if not scale >= 1:
+            raise ValueError(f"scale must be >= 1 so that each crop holds its box, got {scale}.")
+        super().__init__(predictor)
+        self.scale = scale
+
+    def window(self, extent: np.ndarray) -> tuple[int, int, int, int]:
+        return object_window(extent, self.scale, *self.image.shape[:2])

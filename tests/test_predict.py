@@ -216,3 +216,21 @@ def test_tiled_prediction_from_the_command_line(tiny_model_dir, image_files, tmp
     expected[96:224, 96:224] = crop.masks[0, 0]
     written = np.asarray(Image.open(tmp_path / image_files[0].stem / "mask_000.png")) > 0
     np.testing.assert_array_equal(written, expected)
+
+
+def test_object_crop_prediction_from_the_command_line(tiny_model_dir, image_files, tmp_path):
+    """With --object_crop_scale, each box is decoded on its own crop: the same mask as the library on that crop."""
+    args = PredictArguments(model=str(tiny_model_dir), images=str(image_files[0]), boxes="140,150,159,169",
+                            object_crop_scale=3, output_dir=str(tmp_path))  # fmt: skip
+    run_prediction(args)
+    image = np.asarray(Image.open(image_files[0]).convert("RGB"))
+    # The 20 x 20 box centred on (150, 160): a 60-px crop from x = 120 and y = 130.
+    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
+    crop = predictor(image[130:190, 120:180], boxes=[[20.0, 20.0, 39.0, 39.0]])
+    expected = np.zeros(image.shape[:2], bool)
+    expected[130:190, 120:180] = crop.masks[0, 0]
+    written = np.asarray(Image.open(tmp_path / image_files[0].stem / "mask_000.png")) > 0
+    assert expected.any() and not expected[:130].any()
+    np.testing.assert_array_equal(written, expected)
+    with pytest.raises(ValueError, match="choose one"):
+        PredictArguments(model="m", images="i", boxes="1,1,5,5", object_crop_scale=3, tile_size=128)

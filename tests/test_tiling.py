@@ -1,4 +1,4 @@
-"""Large images as tiles: the tile grid, cut objects, training on tiles and prediction on tiles."""
+"""Large images as tiles: the tile grid, cut objects, training on tiles and prediction on tiles; object crops."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ import datasets
 import numpy as np
 import pytest
 
+from sam_hf.config import DataArguments
 from sam_hf.inference import SamPrediction
-from sam_hf.tiling import TiledPredictor, tile_dataset, tile_origins, tile_starts
+from sam_hf.tiling import (
+    ObjectCropPredictor,
+    TiledPredictor,
+    crop_objects,
+    object_window,
+    tile_dataset,
+    tile_origins,
+    tile_starts,
+)
 
 
 def test_tile_grid_ends_at_the_edges():
@@ -119,3 +128,91 @@ def test_tiled_prediction_pastes_each_mask_back():
     assert (200, 300) in tiled.predictor.encoded and tiled.choose_tile(np.array([0, 0, 250, 190])) is None
     with pytest.raises(ValueError, match="mask_input is not supported"):
         tiled.predict(boxes=boxes[:1], mask_input=np.zeros((4, 4)))
+
+
+def test_object_window_by_hand():
+    # A 10 x 10 box, scale 3: 30 px centred on the box's centre (15, 25).
+    assert object_window([10, 20, 19, 29], 3, 100, 100) == (10, 0, 40, 30)
+    # Wider than high: the longer side sets the window; rows 50..54 centre on 52.5, so the start 32.5 rounds up.
+    assert object_window([40, 50, 59, 54], 2, 100, 100) == (33, 30, 73, 70)
+    # At the image's corner the window moves inside the image.
+    assert object_window([0, 0, 9, 9], 4, 100, 100) == (0, 0, 40, 40)
+    assert object_window([90, 95, 99, 99], 4, 100, 100) == (60, 60, 100, 100)
+    # Larger than the image: the whole image along both axes.
+    assert object_window([5, 5, 44, 44], 2, 50, 60) == (0, 0, 50, 60)
+
+
+def test_crop_objects_gives_each_object_whole_in_its_own_crop(caplog):
+    source = _dataset()
+    instances = np.asarray(source["label"][0])
+    image = np.asarray(source["image"][0])
+    with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
+        crops = crop_objects(source, 3, mask_type="instance", split_name="eval")
+    assert crops["file_name"] == [f"big.png#{k}" for k in range(1, 6)]
+    # Objects 1..5: their boxes, sides 10 / 20 / 20 / 10 / 10 px, so windows of 30 / 60 / 60 / 30 / 30 px.
+    windows = [(0, 0, 30, 30), (0, 30, 60, 90), (0, 10, 60, 70), (0, 70, 30, 100), (30, 24, 60, 54)]
+    for k, (row, (y0, x0, y1, x1)) in enumerate(zip(crops, windows), start=1):
+        label, crop = np.asarray(row["label"]), np.asarray(row["image"])
+        assert label.shape == crop.shape[:2] == (y1 - y0, x1 - x0)
+        # Only this object is labelled, and all of it: the other objects in the window are background.
+        np.testing.assert_array_equal(label == 1, instances[y0:y1, x0:x1] == k)
+        assert (label == 1).sum() == (instances == k).sum() and set(np.unique(label)) <= {0, 1}
+        np.testing.assert_array_equal(crop, image[y0:y1, x0:x1])
+    assert "Split 'eval': 1 images -> 5 object crops, each 3 x the longer side" in caplog.text
+    with pytest.raises(ValueError, match="object_crop_scale must be >= 1"):
+        crop_objects(source, 0.5)
+
+
+def test_object_crop_arguments_are_checked():
+    assert DataArguments(dataset_name="d", object_crop_scale=6).label_mask_type == "instance"
+    assert DataArguments(dataset_name="d", object_crop_scale=6).eval_unit == "object crops"
+    with pytest.raises(ValueError, match="choose one"):
+        DataArguments(dataset_name="d", object_crop_scale=6, tile_size=128)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        DataArguments(dataset_name="d", object_crop_scale=0.5)
+    with pytest.raises(ValueError, match="does not work with --streaming"):
+        DataArguments(dataset_name="d", object_crop_scale=6, streaming=True, max_eval_samples=1)
+
+
+def test_object_crop_prediction_pastes_each_mask_back():
+    image = np.zeros((200, 300, 3), np.uint8)
+    cropping = ObjectCropPredictor(_BoxFilling(), scale=4)
+    cropping.set_image(image)
+    boxes = [[10, 10, 19, 19], [150, 100, 199, 149], [290, 190, 299, 199]]
+    result = cropping.predict(boxes=boxes)
+    assert result.masks.shape == (3, 1, 200, 300)
+    for mask, (x0, y0, x1, y1) in zip(result.masks[:, 0], boxes):
+        expected = np.zeros((200, 300), bool)
+        expected[y0 : y1 + 1, x0 : x1 + 1] = True
+        np.testing.assert_array_equal(mask, expected)
+    # Each box was decoded on its own crop: 40 px, 200 px (the image's height), 40 px against the far corner.
+    assert cropping.predictor.encoded == [(40, 40), (200, 200), (40, 40)]
+    with pytest.raises(ValueError, match="mask_input is not supported with object crops"):
+        cropping.predict(boxes=boxes[:1], mask_input=np.zeros((4, 4)))
+
+
+def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
+    from PIL import Image
+
+    from sam_hf.run import parse_args, run_training
+
+    argv = [
+        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir",
+        str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "1",
+        "--max_eval_samples", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+        "--object_crop_scale", "6", "--eval_before_training", "false",
+    ]  # fmt: skip
+    args = parse_args(argv)
+    with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
+        metrics = run_training(*args)
+    assert args[1].mask_type == "auto" and args[1].label_mask_type == "instance"
+    # One crop, and one scored object, per object of the image; counted here from the instance map on disk.
+    from sam_hf.evaluation import load_split
+
+    eval_name = load_split(DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=1), "eval", 42, None, None)[
+        "file_name"
+    ][0]
+    stem = eval_name.rsplit(".", 1)[0]
+    objects = len(np.unique(np.asarray(Image.open(nuclei_dir / "instances" / f"{stem}.png")))) - 1
+    assert f"Split 'eval': 1 images -> {objects} object crops" in caplog.text
+    assert metrics["eval_num_objects"] == objects
