@@ -237,9 +237,13 @@ def evaluate_models(
     metrics = {name: load_object_metrics(experiment_id=f"sam_hf_{name}") for name in predictors}
     objects: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
+    # Object crops (`sam_hf.tiling.crop_objects`) are scored per source image: their rows name it.
+    sources: dict[str, int] = {}
+    # The figure's rows are spread over the dataset: neighbouring tiles or crops come from the same image.
+    figure_rows = {round(i) for i in np.linspace(0, len(dataset) - 1, num_figure_images)} if len(dataset) else set()
     for idx in tqdm(range(len(dataset)), desc="Evaluating", unit="image"):
         row = dataset[idx]
-        keep_figure = len(samples) < num_figure_images
+        keep_figure = idx in figure_rows
         image = to_rgb_array(row["image"]) if not use_cached_embeddings or keep_figure else None
         instances = mask_to_instances(row["label"], mask_type)
         boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
@@ -270,8 +274,12 @@ def evaluate_models(
                     per_model[member] = (
                         np.concatenate(figure_masks) if figure_masks else np.zeros((0, *instances.shape), bool)
                     )
+        image_id, image_name = idx, name
+        if row.get("source_file_name") is not None:
+            image_name = row["source_file_name"]
+            image_id = sources.setdefault(image_name, len(sources))
         for k, area in enumerate(row["areas"]):
-            objects.append({"image": idx, "name": name, "object_id": int(ids[k]), "area": int(area)})
+            objects.append({"image": image_id, "name": image_name, "object_id": int(ids[k]), "area": int(area)})
         if keep_figure:
             if num_figure < len(boxes):
                 logger.info("Figure: image %s shows its first %d of %d objects", name, num_figure, len(boxes))
@@ -282,7 +290,7 @@ def evaluate_models(
                     "boxes": boxes[:num_figure],
                     "predictions": per_model,
                     "name": name,
-                    "num_objects": len(boxes),
+                    "first_object": len(objects) - len(boxes),
                 }
             )
 
@@ -293,11 +301,9 @@ def evaluate_models(
         for obj, d, i in zip(objects, result["dice"], result["iou"]):
             obj.setdefault("dice", {})[model_name] = float(d)
             obj.setdefault("iou", {})[model_name] = float(i)
-    offset = 0
     for sample in samples:
-        k = len(sample["boxes"])
-        sample["dice"] = {m: np.array([o["dice"][m] for o in objects[offset : offset + k]]) for m in predictors}
-        offset += sample.pop("num_objects")
+        first, k = sample.pop("first_object"), len(sample["boxes"])
+        sample["dice"] = {m: np.array([o["dice"][m] for o in objects[first : first + k]]) for m in predictors}
     return {"objects": objects, "figure_samples": samples}
 
 

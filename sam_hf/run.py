@@ -154,6 +154,25 @@ def box_baseline_dice(dataset: datasets.Dataset) -> float:
     return float(np.mean(2 * areas / (areas + box_areas)))
 
 
+def prompt_recipe(data_args: DataArguments, sam_args: SamArguments) -> str:
+    """How the model was prompted and what it saw, in words, for the model card."""
+    jitter = sam_args.box_jitter
+    boxes = f"jittered outward by up to {jitter:g} px per side" if jitter else "exact"
+    text = (
+        f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training boxes {boxes}, "
+        f"at most {sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact."
+    )
+    if data_args.object_crop_scale:
+        text += (
+            f" Each object was seen on its own square crop, {data_args.object_crop_scale:g} times the longer side of "
+            f"its box: predict the same way (`scripts/predict.py --object_crop_scale {data_args.object_crop_scale:g}`,"
+            " `sam_hf.tiling.ObjectCropPredictor`)."
+        )
+    elif data_args.tile_size:
+        text += f" Images were cut into {data_args.tile_size}-px tiles (overlap {data_args.tile_overlap} px)."
+    return text + interactive_recipe(sam_args)
+
+
 def loss_description(sam_args: SamArguments) -> str:
     """What the training loss is, in words, for the model card."""
     text = (
@@ -278,8 +297,11 @@ def training_summary(
     if after["dice"] is not None:
         objects = metrics.get("eval_num_objects", metrics.get("base_eval_num_objects"))
         count = "" if eval_images is None else f"{eval_images} "
-        where = f" on the {count}held-out {eval_unit}"
-        where += f" ({objects:g} objects)" if objects is not None else ""
+        if eval_unit == "object crops":
+            where = f" on the {count}held-out objects, each on its own crop"
+        else:
+            where = f" on the {count}held-out {eval_unit}"
+            where += f" ({objects:g} objects)" if objects is not None else ""
         best = f" (best checkpoint, step {best_step})" if best_step is not None else ""
         lines.append(f"Per-object scores{where}, exact box prompts{best}:")
         for key, name in (("dice", "Dice"), ("iou", "IoU")):
@@ -528,8 +550,11 @@ def run_training(
             train_ds = embed(train_ds, split_name="train").remove_columns("image")
             if eval_ds is not None:
                 eval_ds = embed(eval_ds, split_name="eval")
-        # A few raw eval images for the prediction figure (the cached split drops its image column below).
-        figure_images = eval_ds.select(range(min(4, len(eval_ds)))) if eval_ds is not None else None
+        # Four raw eval rows for the prediction figure (the cached split drops its image column below), spread over
+        # the split: with tiles or object crops, neighbouring rows come from the same image.
+        figure_images = None
+        if eval_ds is not None:
+            figure_images = eval_ds.select(sorted({round(i) for i in np.linspace(0, len(eval_ds) - 1, 4)}))
         if eval_ds is not None and "image_embeddings" in eval_ds.column_names:
             eval_ds = eval_ds.remove_columns("image")
 
@@ -577,10 +602,7 @@ def run_training(
         "multimask_training": sam_args.multimask_training,
         "multimask_every": multimask_every,
         "iou_head_trained": bool(multimask_every) or sam_args.iou_loss_weight > 0,
-        "prompt_recipe": f"one box per object from the ground-truth masks (mask_type={data_args.mask_type}); training "
-        f"boxes jittered outward by up to {sam_args.box_jitter:g} px per side, at most "
-        f"{sam_args.max_objects_per_image} objects per image per step; evaluation boxes exact."
-        + interactive_recipe(sam_args),
+        "prompt_recipe": prompt_recipe(data_args, sam_args),
         "box_baseline_dice": box_baseline,
     }
     callbacks = []

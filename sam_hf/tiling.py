@@ -186,14 +186,15 @@ def crop_objects(
 
     Returns:
         A dataset with `image` (the crop), `label` (uint16, 1 on the object, 0 elsewhere, the other objects of the
-        crop included) and `file_name` (`<name>#<object id>`).
+        crop included), `file_name` (`<name>#<object id>`) and `source_file_name` (`<name>`, which evaluation
+        reports per-image scores by).
     """
     if not scale >= 1:
         raise ValueError(f"--object_crop_scale must be >= 1 so that each crop holds its object, got {scale}.")
     columns = ds.column_names
 
     def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"image": [], "label": [], "file_name": []}
+        out: dict[str, list] = {"image": [], "label": [], "file_name": [], "source_file_name": []}
         for row, index in enumerate(indices):
             name = batch["file_name"][row] if "file_name" in batch else str(index)
             image = to_rgb_array(batch["image"][row])
@@ -210,10 +211,16 @@ def crop_objects(
                 out["image"].append(Image.fromarray(image[y0:y1, x0:x1]))
                 out["label"].append(Image.fromarray((instances[y0:y1, x0:x1] == k + 1).astype(np.uint16)))
                 out["file_name"].append(f"{name}#{k + 1}")
+                out["source_file_name"].append(name)
         return out
 
     features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.Image(), "file_name": datasets.Value("string")}
+        {
+            "image": datasets.Image(),
+            "label": datasets.Image(),
+            "file_name": datasets.Value("string"),
+            "source_file_name": datasets.Value("string"),
+        }
     )
     cropped = ds.map(
         cut,

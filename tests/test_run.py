@@ -323,6 +323,10 @@ def test_training_summary_by_hand():
     # A tiled split counts tiles, not images.
     tiled = training_summary(metrics, "out", eval_images=39, eval_unit="tiles").splitlines()
     assert tiled[1].startswith("Per-object scores on the 39 held-out tiles (226 objects), exact box prompts")
+    crops = training_summary(metrics, "out", eval_images=226, eval_unit="object crops").splitlines()
+    assert crops[1].startswith(
+        "Per-object scores on the 226 held-out objects, each on its own crop, exact box prompts"
+    )
     assert training_summary({"train_loss": 0.5}, "out").splitlines() == [
         "Training finished.",
         "Model and model card: out/ (README.md)",

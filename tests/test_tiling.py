@@ -149,6 +149,7 @@ def test_crop_objects_gives_each_object_whole_in_its_own_crop(caplog):
     with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
         crops = crop_objects(source, 3, mask_type="instance", split_name="eval")
     assert crops["file_name"] == [f"big.png#{k}" for k in range(1, 6)]
+    assert crops["source_file_name"] == ["big.png"] * 5
     # Objects 1..5: their boxes, sides 10 / 20 / 20 / 10 / 10 px, so windows of 30 / 60 / 60 / 30 / 30 px.
     windows = [(0, 0, 30, 30), (0, 30, 60, 90), (0, 10, 60, 70), (0, 70, 30, 100), (30, 24, 60, 54)]
     for k, (row, (y0, x0, y1, x1)) in enumerate(zip(crops, windows), start=1):
@@ -216,3 +217,14 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     objects = len(np.unique(np.asarray(Image.open(nuclei_dir / "instances" / f"{stem}.png")))) - 1
     assert f"Split 'eval': 1 images -> {objects} object crops" in caplog.text
     assert metrics["eval_num_objects"] == objects
+    # scripts/evaluate.py on the same crops reports them per source image.
+    from sam_hf.evaluation import EvaluateArguments, run_evaluation
+
+    summary = run_evaluation(
+        EvaluateArguments(model=[f"tuned={tmp_path / 'run'}"], output_dir=str(tmp_path / "eval")),
+        DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=1, object_crop_scale=6),
+    )
+    assert summary["num_images"] == 1 and summary["num_objects"] == objects
+    assert summary["models"]["tuned"]["per_image"][0]["name"] == eval_name
+    # Training evaluated from float16 cached embeddings, evaluate.py runs the encoder: equal to rounding.
+    assert summary["models"]["tuned"]["dice"]["mean"] == pytest.approx(metrics["eval_dice"], abs=1e-4)
