@@ -204,6 +204,8 @@ def test_model_card_parses(trained_run):
 def test_yaml_config_and_argument_errors(tmp_path):
     from pathlib import Path
 
+    import yaml
+
     demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     model_args, data_args, sam_args, training_args = parse_args([str(demo)])
     assert model_args.model_name_or_path == "models/tiny-sam-base"
@@ -215,8 +217,10 @@ def test_yaml_config_and_argument_errors(tmp_path):
         [str(demo), "--output_dir", str(tmp_path / "o"), "--max_steps", "7", "--multimask_training"]
     )
     assert training_args.output_dir == str(tmp_path / "o") and training_args.max_steps == 7
-    assert sam_args.multimask_training and sam_args.box_jitter == 4 and data_args.validation_split_percentage == 25
-    assert training_args.load_best_model_at_end and training_args.learning_rate == 1e-3
+    config = yaml.safe_load(demo.read_text())
+    assert sam_args.multimask_training and sam_args.box_jitter == config["box_jitter"]
+    assert data_args.validation_split_percentage == 25 and data_args.object_crop_scale == config["object_crop_scale"]
+    assert training_args.load_best_model_at_end and training_args.learning_rate == config["learning_rate"]
     with pytest.raises(ValueError, match="--box_jitter must be >= 0"):
         parse_args(["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o", "--box_jitter", "-1"])
     with pytest.raises(ValueError, match="--cache_embeddings needs --freeze_vision_encoder"):
