@@ -91,8 +91,8 @@ class PredictArguments:
     object_crop_scale: float | None = field(
         default=None,
         metadata={
-            "help": "Decode each prompt on its own square crop, this many times the longer side of its box (the value "
-            "a model was trained with, --object_crop_scale of train.py)."
+            "help": "Decode each prompt on its own square crop, this many times the longer side of its box. Defaults "
+            "to the scale a model was tuned with (train.py --object_crop_scale, kept in its config.json)."
         },
     )
     text: str | None = field(
@@ -298,14 +298,24 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
     """Segment every image with its prompts; returns per image the scores and the files written."""
     predictor = SamPredictor.from_pretrained(args.model, device=args.device, chunk_size=args.chunk_size)
     model = predictor
+    crop_scale = args.object_crop_scale
+    trained_scale = getattr(model.model.config, "object_crop_scale", None)
+    if crop_scale is None and trained_scale and (args.tile_size, args.text, args.mask_input) == (None, None, None):
+        crop_scale = trained_scale
+        logger.info(
+            "%s was tuned on object crops (config.json object_crop_scale %g): each prompt is decoded on its own crop, "
+            "as in training; pass --object_crop_scale to choose another scale.",
+            args.model,
+            crop_scale,
+        )
     if args.tile_size is not None:
         from .tiling import TiledPredictor
 
         predictor = TiledPredictor(model, args.tile_size, args.tile_overlap)
-    elif args.object_crop_scale is not None:
+    elif crop_scale is not None:
         from .tiling import ObjectCropPredictor
 
-        predictor = ObjectCropPredictor(model, args.object_crop_scale)
+        predictor = ObjectCropPredictor(model, crop_scale)
     paths = _list_images(Path(args.images))
     prompts = load_prompts(args, paths)
     if args.mask_input is not None and len(paths) != 1:

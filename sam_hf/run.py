@@ -495,6 +495,11 @@ def run_training(
         model_args.model_name_or_path, model_args.model_revision, model_args.token, model_args.cache_dir
     )
     family_of(model).prepare_for_training(model)
+    # The crops a model is tuned on travel with it (config.json): scripts/predict.py decodes on the same crops.
+    if data_args.object_crop_scale:
+        model.config.object_crop_scale = data_args.object_crop_scale
+    elif hasattr(model.config, "object_crop_scale"):
+        del model.config.object_crop_scale
     freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
     multimask_every = multimask_stride(sam_args)
     if not multimask_every:

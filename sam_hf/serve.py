@@ -423,6 +423,14 @@ class _ModelService:
         self.model_id = model
         self.settings = settings
         self.predictor = SamPredictor.from_pretrained(model, device=device)
+        crop_scale = getattr(self.predictor.model.config, "object_crop_scale", None)
+        if crop_scale:
+            logger.warning(
+                "%s was tuned on object crops (config.json object_crop_scale %g), but /segment decodes prompts on the "
+                "whole image, where such a model does worse; scripts/predict.py decodes on the same crops.",
+                model,
+                crop_scale,
+            )
         self.lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="sam-hf-serve")
         self.pending = 0

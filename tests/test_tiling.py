@@ -228,3 +228,26 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     assert summary["models"]["tuned"]["per_image"][0]["name"] == eval_name
     # Training evaluated from float16 cached embeddings, evaluate.py runs the encoder: equal to rounding.
     assert summary["models"]["tuned"]["dice"]["mean"] == pytest.approx(metrics["eval_dice"], abs=1e-4)
+    # The scale is kept in config.json, and predict.py decodes on the same crops without being told.
+    import json
+
+    from sam_hf.predict import PredictArguments, run_prediction
+
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["object_crop_scale"] == 6
+    image = nuclei_dir / "images" / f"{stem}.png"
+    masks = {}
+    for name, scale in (("default", None), ("explicit", 6.0)):
+        with caplog.at_level(logging.INFO, logger="sam_hf.predict"):
+            run_prediction(PredictArguments(model=str(tmp_path / "run"), images=str(image), boxes="100,100,115,112",
+                                            object_crop_scale=scale, output_dir=str(tmp_path / name)))  # fmt: skip
+        masks[name] = np.asarray(Image.open(tmp_path / name / stem / "mask_000.png"))
+    np.testing.assert_array_equal(masks["default"], masks["explicit"])
+    assert "was tuned on object crops (config.json object_crop_scale 6)" in caplog.text
+    # ... which is not what decoding on the whole image gives.
+    from sam_hf.inference import SamPredictor
+
+    whole = SamPredictor.from_pretrained(str(tmp_path / "run"))(np.asarray(Image.open(image).convert("RGB")),
+                                                              boxes=[[100, 100, 115, 112]]).masks[0, 0]  # fmt: skip
+    assert (whole != (masks["default"] > 0)).any()
+    # A model tuned without crops has no scale: whole-image decoding, as before.
+    assert "object_crop_scale" not in json.loads((tiny_model_dir / "config.json").read_text())
