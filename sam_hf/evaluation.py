@@ -210,7 +210,8 @@ def evaluate_models(
         box_jitter (`float`, *optional*, defaults to 0): outward jitter of the boxes in pixels; the same jittered
             boxes go to every model.
         jitter_seed (`int`, *optional*, defaults to 0): seed of the jitter.
-        num_figure_images (`int`, *optional*, defaults to 0): keep this many images' predictions for a figure.
+        num_figure_images (`int`, *optional*, defaults to 0): keep this many rows' predictions for a figure, spread
+            evenly over the dataset (its first and last rows included).
         use_cached_embeddings (`bool`, *optional*, defaults to `False`): take each image's embedding from the
             dataset's `image_embeddings` column (`sam_hf.cache.add_image_embeddings` with these models' shared,
             frozen encoder) instead of running the encoder again.
