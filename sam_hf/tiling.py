@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import datasets
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
-from .data import mask_to_instances, to_rgb_array
+from .data import boxes_from_instances, mask_to_instances, to_rgb_array
 from .inference import SamPrediction, validate_prompts
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,46 @@ def _tile_instances(crop: np.ndarray, areas: np.ndarray, min_visible: float, cou
     return out
 
 
+def _rows(
+    batch: dict[str, list], indices: list[int], mask_type: str, split_name: str
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """`(name, RGB image, instance map)` of each row of a `datasets.map` batch, the two sizes checked."""
+    for row, index in enumerate(indices):
+        name = batch["file_name"][row] if "file_name" in batch else str(index)
+        image = to_rgb_array(batch["image"][row])
+        instances = mask_to_instances(batch["label"][row], mask_type)
+        if instances.shape != image.shape[:2]:
+            raise ValueError(
+                f"{split_name} row {index} ({name}): image {image.shape[:2]} and mask {instances.shape} differ."
+            )
+        yield name, image, instances
+
+
+def _cut_rows(
+    ds: datasets.Dataset, cut: Callable[[dict[str, list], list[int]], dict[str, list]], extra: dict, desc: str
+) -> datasets.Dataset:
+    """`ds.map(cut)` into rows of `image` and `label` (PIL images, stored as they are: 16-bit PNG labels, 8-bit RGB
+    images), `file_name`, and the `extra` features."""
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Image(), "file_name": datasets.Value("string"), **extra}
+    )
+    return ds.map(
+        cut,
+        with_indices=True,
+        batched=True,
+        batch_size=8,
+        remove_columns=ds.column_names,
+        features=features,
+        desc=desc,
+    )
+
+
+def check_crop_scale(scale: float) -> None:
+    """Refuse an object-crop scale below 1, whose crops would not hold their boxes."""
+    if not scale >= 1:
+        raise ValueError(f"--object_crop_scale must be >= 1 so that each crop holds its object, got {scale}.")
+
+
 def tile_dataset(
     ds: datasets.Dataset,
     tile_size: int,
@@ -100,46 +140,22 @@ def tile_dataset(
     """
     if not 0 < min_visible <= 1:
         raise ValueError(f"--tile_min_visible must be in (0, 1], got {min_visible}.")
-    columns = ds.column_names
 
     def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"image": [], "label": [], "file_name": [], "_tile_counts": []}
-        for row, index in enumerate(indices):
-            name = batch["file_name"][row] if "file_name" in batch else str(index)
-            image = to_rgb_array(batch["image"][row])
-            instances = mask_to_instances(batch["label"][row], mask_type)
-            if instances.shape != image.shape[:2]:
-                raise ValueError(
-                    f"{split_name} row {index} ({name}): image {image.shape[:2]} and mask {instances.shape} differ."
-                )
+        for name, image, instances in _rows(batch, indices, mask_type, split_name):
             areas = np.bincount(instances.ravel())
             for y0, x0 in tile_origins(*instances.shape, tile_size, tile_overlap):
                 counts: Counter = Counter()
                 crop = instances[y0 : y0 + tile_size, x0 : x0 + tile_size]
-                # PIL images, so that datasets stores them as they are (16-bit PNG labels, 8-bit RGB tiles).
                 out["label"].append(Image.fromarray(_tile_instances(crop, areas, min_visible, counts)))
                 out["image"].append(Image.fromarray(image[y0 : y0 + tile_size, x0 : x0 + tile_size]))
                 out["file_name"].append(f"{name}@y{y0}x{x0}")
                 out["_tile_counts"].append([counts["whole"], counts["cut_kept"], counts["cut_dropped"]])
         return out
 
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.Image(),
-            "file_name": datasets.Value("string"),
-            "_tile_counts": datasets.List(datasets.Value("int64"), length=3),
-        }
-    )
-    tiled = ds.map(
-        cut,
-        with_indices=True,
-        batched=True,
-        batch_size=8,
-        remove_columns=columns,
-        features=features,
-        desc=f"Cutting tiles ({split_name})",
-    )
+    counts_feature = {"_tile_counts": datasets.List(datasets.Value("int64"), length=3)}
+    tiled = _cut_rows(ds, cut, counts_feature, f"Cutting tiles ({split_name})")
     whole, kept, dropped = np.asarray(tiled["_tile_counts"], np.int64).reshape(-1, 3).sum(0).tolist()
     logger.info(
         "Split %r: %d images -> %d tiles of %d px (overlap %d); objects per tile: %d whole, %d cut by the tile edge "
@@ -189,48 +205,21 @@ def crop_objects(
         crop included), `file_name` (`<name>#<object id>`) and `source_file_name` (`<name>`, which evaluation
         reports per-image scores by).
     """
-    if not scale >= 1:
-        raise ValueError(f"--object_crop_scale must be >= 1 so that each crop holds its object, got {scale}.")
-    columns = ds.column_names
+    check_crop_scale(scale)
 
     def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"image": [], "label": [], "file_name": [], "source_file_name": []}
-        for row, index in enumerate(indices):
-            name = batch["file_name"][row] if "file_name" in batch else str(index)
-            image = to_rgb_array(batch["image"][row])
-            instances = mask_to_instances(batch["label"][row], mask_type)
-            if instances.shape != image.shape[:2]:
-                raise ValueError(
-                    f"{split_name} row {index} ({name}): image {image.shape[:2]} and mask {instances.shape} differ."
-                )
-            for k, where in enumerate(ndimage.find_objects(instances)):
-                if where is None:
-                    continue
-                box = (where[1].start, where[0].start, where[1].stop - 1, where[0].stop - 1)
+        for name, image, instances in _rows(batch, indices, mask_type, split_name):
+            for k, box in enumerate(boxes_from_instances(instances), start=1):
                 y0, x0, y1, x1 = object_window(box, scale, *instances.shape)
                 out["image"].append(Image.fromarray(image[y0:y1, x0:x1]))
-                out["label"].append(Image.fromarray((instances[y0:y1, x0:x1] == k + 1).astype(np.uint16)))
-                out["file_name"].append(f"{name}#{k + 1}")
+                out["label"].append(Image.fromarray((instances[y0:y1, x0:x1] == k).astype(np.uint16)))
+                out["file_name"].append(f"{name}#{k}")
                 out["source_file_name"].append(name)
         return out
 
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.Image(),
-            "file_name": datasets.Value("string"),
-            "source_file_name": datasets.Value("string"),
-        }
-    )
-    cropped = ds.map(
-        cut,
-        with_indices=True,
-        batched=True,
-        batch_size=8,
-        remove_columns=columns,
-        features=features,
-        desc=f"Cropping objects ({split_name})",
-    )
+    source_feature = {"source_file_name": datasets.Value("string")}
+    cropped = _cut_rows(ds, cut, source_feature, f"Cropping objects ({split_name})")
     logger.info(
         "Split %r: %d images -> %d object crops, each %g x the longer side of its object's box",
         split_name,
@@ -370,8 +359,7 @@ class ObjectCropPredictor(_WindowedPredictor):
     what = "object crop"
 
     def __init__(self, predictor: Any, scale: float):
-        if not scale >= 1:
-            raise ValueError(f"scale must be >= 1 so that each crop holds its box, got {scale}.")
+        check_crop_scale(scale)
         super().__init__(predictor)
         self.scale = scale
 
