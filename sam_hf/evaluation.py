@@ -238,7 +238,7 @@ def evaluate_models(
     metrics = {name: load_object_metrics(experiment_id=f"sam_hf_{name}") for name in predictors}
     objects: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
-    # Object crops (`sam_hf.tiling.crop_objects`) are scored per source image: their rows name it.
+    # Tiles and object crops (`sam_hf.tiling`) are scored per source image: their rows name it.
     sources: dict[str, int] = {}
     # The figure's rows are spread over the dataset: neighbouring tiles or crops come from the same image.
     figure_rows = {round(i) for i in np.linspace(0, len(dataset) - 1, num_figure_images)} if len(dataset) else set()

@@ -94,9 +94,16 @@ def _cut_rows(
     ds: datasets.Dataset, cut: Callable[[dict[str, list], list[int]], dict[str, list]], extra: dict, desc: str
 ) -> datasets.Dataset:
     """`ds.map(cut)` into rows of `image` and `label` (PIL images, stored as they are: 16-bit PNG labels, 8-bit RGB
-    images), `file_name`, and the `extra` features."""
+    images), `file_name`, `source_file_name` (the image a row was cut from: evaluation reports per-image scores by
+    it), and the `extra` features."""
     features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.Image(), "file_name": datasets.Value("string"), **extra}
+        {
+            "image": datasets.Image(),
+            "label": datasets.Image(),
+            "file_name": datasets.Value("string"),
+            "source_file_name": datasets.Value("string"),
+            **extra,
+        }
     )
     return ds.map(
         cut,
@@ -135,14 +142,14 @@ def tile_dataset(
         split_name (`str`): for logs.
 
     Returns:
-        A dataset with one row per tile: `image`, `label` (uint16 instance map) and `file_name`
-        (`<name>@y<y0>x<x0>`).
+        A dataset with one row per tile: `image`, `label` (uint16 instance map), `file_name`
+        (`<name>@y<y0>x<x0>`) and `source_file_name` (`<name>`).
     """
     if not 0 < min_visible <= 1:
         raise ValueError(f"--tile_min_visible must be in (0, 1], got {min_visible}.")
 
     def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"image": [], "label": [], "file_name": [], "_tile_counts": []}
+        out: dict[str, list] = {"image": [], "label": [], "file_name": [], "source_file_name": [], "_tile_counts": []}
         for name, image, instances in _rows(batch, indices, mask_type, split_name):
             areas = np.bincount(instances.ravel())
             for y0, x0 in tile_origins(*instances.shape, tile_size, tile_overlap):
@@ -151,6 +158,7 @@ def tile_dataset(
                 out["label"].append(Image.fromarray(_tile_instances(crop, areas, min_visible, counts)))
                 out["image"].append(Image.fromarray(image[y0 : y0 + tile_size, x0 : x0 + tile_size]))
                 out["file_name"].append(f"{name}@y{y0}x{x0}")
+                out["source_file_name"].append(name)
                 out["_tile_counts"].append([counts["whole"], counts["cut_kept"], counts["cut_dropped"]])
         return out
 
@@ -202,8 +210,7 @@ def crop_objects(
 
     Returns:
         A dataset with `image` (the crop), `label` (uint16, 1 on the object, 0 elsewhere, the other objects of the
-        crop included), `file_name` (`<name>#<object id>`) and `source_file_name` (`<name>`, which evaluation
-        reports per-image scores by).
+        crop included), `file_name` (`<name>#<object id>`) and `source_file_name` (`<name>`).
     """
     check_crop_scale(scale)
 
@@ -218,8 +225,7 @@ def crop_objects(
                 out["source_file_name"].append(name)
         return out
 
-    source_feature = {"source_file_name": datasets.Value("string")}
-    cropped = _cut_rows(ds, cut, source_feature, f"Cropping objects ({split_name})")
+    cropped = _cut_rows(ds, cut, {}, f"Cropping objects ({split_name})")
     logger.info(
         "Split %r: %d images -> %d object crops, each %g x the longer side of its object's box",
         split_name,

@@ -60,6 +60,7 @@ def test_cut_objects_are_kept_or_dropped_by_their_visible_fraction(caplog):
     with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
         tiled = tile_dataset(_dataset(), tile_size=60, tile_overlap=20, mask_type="instance")
     assert tiled["file_name"] == ["big.png@y0x0", "big.png@y0x40"]
+    assert tiled["source_file_name"] == ["big.png", "big.png"]
     first, second = (np.asarray(label) for label in tiled["label"])
     assert first.shape == second.shape == (60, 60)
     # Tile 0 (x 0..59): objects 1, 2 (half), 3, 5, renumbered in id order 1..4.
