@@ -135,7 +135,13 @@ def _as_boxes(boxes: Any, k: int | None = None, what: str = "boxes") -> np.ndarr
 
 
 def _short(name: str, limit: int = NAME_CHARS) -> str:
-    return name if len(name) <= limit else name[: limit - 3] + "..."
+    """`name` cut to `limit` characters, keeping the window suffix `sam_hf.tiling` adds to a tile (`@y0x128`) or an
+    object crop (`#3`): it says which part of the image a panel shows."""
+    if len(name) <= limit:
+        return name
+    cut = max(name.rfind("#"), name.rfind("@"))
+    suffix = name[cut:] if cut > 0 and len(name) - cut <= limit // 2 else ""
+    return name[: limit - 3 - len(suffix)] + "..." + suffix
 
 
 def _image_axes(ax: Axes, image: np.ndarray, title: str | None = None) -> None:

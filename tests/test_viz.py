@@ -541,3 +541,11 @@ def test_plots_of_a_real_run(trained_run, tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert rows[0]["best"] == pytest.approx(state["best_metric"])
     assert rows[0]["best_step"] == state["best_global_step"]
+
+
+def test_panel_names_keep_the_window_they_show():
+    stem = "fe80a2cf3c93dafad8c364fdd1646b0ba4db056cdb7bdb81474f957064812bba"
+    assert viz._short(f"{stem}#12", 24) == "fe80a2cf3c93dafad8...#12"
+    assert viz._short(f"{stem}@y0x128", 24) == "fe80a2cf3c93da...@y0x128"
+    assert viz._short(stem, 24) == "fe80a2cf3c93dafad8c36..."
+    assert viz._short("short#1", 24) == "short#1"
