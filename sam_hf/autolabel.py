@@ -38,6 +38,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, to_rgb_array
+from .inference import SamPredictor
+from .tiling import refine_on_object_crops
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,15 @@ class AutolabelArguments:
     crops_n_layers: int = field(
         default=0, metadata={"help": "Also segment 4^k crops for k = 1..n (small objects in large images; slower)."}
     )
+    object_crop_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Decode the box of each automatic mask again on its own square crop, this many times the box's "
+            "longer side, and keep the best of overlapping results (sam_hf.tiling.refine_on_object_crops). Defaults "
+            "to the scale a model was tuned with (train.py --object_crop_scale, kept in its config.json); 0 turns "
+            "it off."
+        },
+    )
     min_area: int = field(
         default=0, metadata={"help": "Drop objects with fewer pixels (after overlaps are resolved)."}
     )
@@ -116,6 +127,8 @@ class AutolabelArguments:
         for name in ("crops_n_layers", "min_area", "contact_sheet_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.object_crop_scale is not None and self.object_crop_scale != 0 and not self.object_crop_scale >= 1:
+            raise ValueError(f"--object_crop_scale must be >= 1 (or 0: off), got {self.object_crop_scale}.")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"--max_images must be >= 1, got {self.max_images}.")
 
@@ -263,14 +276,31 @@ def _prepare_output(args: AutolabelArguments, inputs: list[Path]) -> Path:
     return out
 
 
-def _mask_generator(args: AutolabelArguments) -> Any:
+def _mask_generator(args: AutolabelArguments) -> tuple[Any, SamPredictor]:
+    """The mask-generation pipeline and a `SamPredictor` on the same model (for object-crop refinement)."""
     from transformers import pipeline
 
     from .modeling import load_model_and_processor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_model_and_processor(args.model)
-    return pipeline("mask-generation", model=model, image_processor=processor.image_processor, device=device)
+    generator = pipeline("mask-generation", model=model, image_processor=processor.image_processor, device=device)
+    return generator, SamPredictor(generator.model, processor, device=generator.device)
+
+
+def crop_scale_of(args: AutolabelArguments, predictor: SamPredictor) -> float | None:
+    """The object-crop scale to refine with: `--object_crop_scale`, else the one the model was tuned with."""
+    if args.object_crop_scale is not None:
+        return args.object_crop_scale or None
+    trained = getattr(predictor.model.config, "object_crop_scale", None)
+    if trained:
+        logger.info(
+            "%s was tuned on object crops (config.json object_crop_scale %g): each automatic mask's box is decoded "
+            "again on its own crop, as in training; --object_crop_scale 0 keeps the pipeline's masks as they are.",
+            args.model,
+            trained,
+        )
+    return trained or None
 
 
 def _png(array: np.ndarray, path: Path) -> None:
@@ -289,7 +319,8 @@ def run_autolabel(args: AutolabelArguments) -> dict[str, Any]:
     if args.max_images is not None:
         inputs = inputs[: args.max_images]
     out = _prepare_output(args, inputs)
-    generator = _mask_generator(args)
+    generator, predictor = _mask_generator(args)
+    crop_scale = crop_scale_of(args, predictor)
     folder = args.output_format == "folder"
     if folder:
         for name in _WRITTEN["folder"]:
@@ -314,12 +345,16 @@ def run_autolabel(args: AutolabelArguments) -> dict[str, Any]:
         masks = [np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m, bool) for m in outputs["masks"]]
         masks = np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), bool)
         scores = np.asarray(torch.as_tensor(outputs["scores"]).float().cpu(), np.float64).reshape(-1)
+        proposals = len(masks)
+        if crop_scale:
+            masks, scores = refine_on_object_crops(predictor, image, masks, crop_scale, args.nms_thresh)
         instances, kept, dropped = instance_map(masks, args.min_area, args.max_area_fraction)
         stem = path.stem
         entry = {
             "image": str(path),
             "size": list(image.shape[:2]),
-            "masks_from_model": len(masks),
+            "masks_from_model": proposals,
+            "masks_after_refinement": len(masks) if crop_scale else None,
             "dropped": dropped,
             "num_objects": len(kept),
             "scores": [round(float(s), 4) for s in scores[kept]],
@@ -328,10 +363,11 @@ def run_autolabel(args: AutolabelArguments) -> dict[str, Any]:
         per_image[path.name] = entry
         log = logger.info if len(kept) else logger.warning
         log(
-            "%s: %d masks from the model, %d objects kept (dropped %d covering more than %.0f%% of the image, %d "
+            "%s: %d masks from the model%s, %d objects kept (dropped %d covering more than %.0f%% of the image, %d "
             "under %d px, %d hidden by smaller masks)%s",
             path.name,
-            len(masks),
+            proposals,
+            f" ({len(masks)} after refinement on object crops)" if crop_scale else "",
             len(kept),
             dropped["too_large"],
             100 * args.max_area_fraction,
@@ -364,7 +400,8 @@ def run_autolabel(args: AutolabelArguments) -> dict[str, Any]:
     if sheet_items:
         contact_sheet(sheet_items).save(out / CONTACT_SHEET_FILE)
     total = sum(e["num_objects"] for e in per_image.values())
-    report = {"settings": asdict(args), "num_images": len(per_image), "num_objects": total, "images": per_image}
+    settings = {**asdict(args), "object_crop_scale": crop_scale}
+    report = {"settings": settings, "num_images": len(per_image), "num_objects": total, "images": per_image}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     empty = [name for name, e in per_image.items() if not e["num_objects"]]
     logger.info(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 import evaluate
 import numpy as np
+import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -83,6 +84,10 @@ class EvaluateArguments:
         },
     )
     points_per_crop: int = field(default=16, metadata={"help": "Automatic mode: points per side of the point grid."})
+    crops_n_layers: int = field(
+        default=0,
+        metadata={"help": "Automatic mode: the pipeline's crop layers (layer k adds 4^k crops of the image; slower)."},
+    )
     pred_iou_thresh: float = field(
         default=0.88,
         metadata={"help": "Automatic mode: keep masks whose predicted IoU reaches this (pipeline default)."},
@@ -118,6 +123,8 @@ class EvaluateArguments:
             )
         if self.box_jitter < 0:
             raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
+        if self.crops_n_layers < 0:
+            raise ValueError(f"--crops_n_layers must be >= 0, got {self.crops_n_layers}.")
 
 
 def parse_model_specs(specs: list[str]) -> dict[str, str]:
@@ -349,12 +356,17 @@ def evaluate_interactive(
     }
 
 
-def _best_ious(generated: Any, instances: np.ndarray, num_objects: int) -> tuple[np.ndarray, int, int]:
+def _best_ious(
+    generated: Any, instances: np.ndarray, num_objects: int, scores: Any = None
+) -> tuple[np.ndarray, int, int, np.ndarray]:
     """Match generated masks against the objects `1..num_objects` of an instance map, one mask at a time.
 
     Returns:
-        `(best, matched, count)`: per object the best IoU of any generated mask `(num_objects,)` (0 if none), the
-        number of generated masks whose best IoU with some object is at least 0.5, and the number of masks.
+        `(best, matched, count, hits)`: per object the best IoU of any generated mask `(num_objects,)` (0 if none),
+        the number of generated masks whose best IoU with some object is at least 0.5, the number of masks, and per
+        mask (in the order given) whether it is a true positive at IoU 0.5 when masks claim objects one to one in
+        descending `scores` (the order given without scores), each taking the free object it overlaps most, as
+        COCO's matching does.
 
     Intersections come from a histogram of the instance ids under each mask, so memory is one mask, one `(H, W)`
     instance map and a few arrays of `num_objects` numbers, whatever the number of objects or masks; no
@@ -363,16 +375,49 @@ def _best_ious(generated: Any, instances: np.ndarray, num_objects: int) -> tuple
     flat = instances.ravel()
     gt_area = np.bincount(flat, minlength=num_objects + 1)[1 : num_objects + 1].astype(np.float64)
     best = np.zeros(num_objects)
-    matched = count = 0
-    for mask in generated:
+    taken = np.zeros(num_objects, bool)
+    generated = list(generated)
+    order = np.arange(len(generated)) if scores is None else np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    hits = np.zeros(len(generated), bool)
+    matched = 0
+    for i in order:
+        mask = generated[i]
         mask = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, dtype=bool).ravel()
-        count += 1
         inter = np.bincount(flat[mask], minlength=num_objects + 1)[1 : num_objects + 1].astype(np.float64)
         union = mask.sum() + gt_area - inter
         iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
         np.maximum(best, iou, out=best)
         matched += bool(num_objects and iou.max() >= 0.5)
-    return best, matched, count
+        free = np.where(~taken & (iou >= 0.5))[0]
+        if len(free):
+            taken[free[np.argmax(iou[free])]] = hits[i] = True
+    return best, matched, len(generated), hits
+
+
+def average_precision(scores: Any, hits: Any, num_objects: int) -> float:
+    """Average precision of scored detections at one IoU threshold, as COCO computes it.
+
+    Args:
+        scores (`array-like`): `(M,)` confidence of each detection, over all images.
+        hits (`array-like`): `(M,)` whether each detection is a true positive (see `_best_ious`).
+        num_objects (`int`): ground-truth objects over all images.
+
+    Returns:
+        The mean, over the 101 recall levels 0, 0.01, ..., 1, of the highest precision reached at that recall or
+        above (0 where the recall is never reached). 0 when there are no objects.
+    """
+    if num_objects <= 0:
+        return 0.0
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    tp = np.asarray(hits, np.float64)[order]
+    if not len(tp):
+        return 0.0
+    true_positives = np.cumsum(tp)
+    precision = true_positives / np.arange(1, len(tp) + 1)
+    recall = true_positives / num_objects
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    first = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.where(first < len(tp), envelope[np.minimum(first, len(tp) - 1)], 0.0).mean())
 
 
 def evaluate_automatic(
@@ -382,21 +427,27 @@ def evaluate_automatic(
     points_per_crop: int = 16,
     pred_iou_thresh: float = 0.88,
     stability_score_thresh: float = 0.95,
+    crops_n_layers: int = 0,
+    object_crop_scale: float | None = None,
     device: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score `pipeline("mask-generation")` against the ground-truth objects.
 
     Args:
         models (`dict`): name -> model directory, Hub id or `SamPredictor` (its model and processor are used).
-        dataset (`datasets.Dataset`): `image` and `label` columns.
+        dataset (`datasets.Dataset`): `image` and `label` columns, whole images.
         points_per_crop (`int`, *optional*, defaults to 16): points per side of the prompt grid.
         pred_iou_thresh (`float`, *optional*, defaults to 0.88): the pipeline's predicted-IoU filter.
         stability_score_thresh (`float`, *optional*, defaults to 0.95): the pipeline's stability filter.
+        crops_n_layers (`int`, *optional*, defaults to 0): the pipeline's crop layers (layer k adds 4^k crops).
+        object_crop_scale (`float`, *optional*): refine every generated mask on its own object crop of this scale
+            (`sam_hf.tiling.refine_on_object_crops`), as `sam-hf autolabel` does for a crop-tuned model.
 
     Returns:
         Per model: `num_masks` (generated, all images), `mean_best_iou` (per ground-truth object, the best IoU of any
-        generated mask, 0 if none), `recall@0.5` (objects matched at IoU >= 0.5) and `precision@0.5` (generated masks
-        matching some object at IoU >= 0.5).
+        generated mask, 0 if none), `recall@0.5` (objects matched at IoU >= 0.5), `precision@0.5` (generated masks
+        matching some object at IoU >= 0.5) and `ap@0.5` (average precision of the masks ranked by their scores,
+        matched one to one: whether the scores put good masks first).
 
     Ground-truth objects are matched through the instance map (see `_best_ious`), never as `(objects, H, W)`
     masks: besides the pipeline's own output, memory is one mask and a few numbers per object at a time.
@@ -404,27 +455,38 @@ def evaluate_automatic(
     from PIL import Image
     from transformers import pipeline
 
+    from .tiling import refine_on_object_crops
+
     out = {}
     for name, model in models.items():
+        if not isinstance(model, SamPredictor) and object_crop_scale:
+            model = SamPredictor.from_pretrained(str(model), device=device)
         if isinstance(model, SamPredictor):
             kwargs = {"model": model.model, "image_processor": model.processor.image_processor}
         else:
             kwargs = {"model": str(model)}
         generator = pipeline("mask-generation", device=device, **kwargs)
-        best, matched, num_masks = [], 0, 0
+        best, matched, num_masks, all_scores, all_hits = [], 0, 0, [], []
         for idx in tqdm(range(len(dataset)), desc=f"Automatic masks ({name})", unit="image"):
             row = dataset[idx]
             instances = mask_to_instances(row["label"], mask_type)
+            image = to_rgb_array(row["image"])
             result = generator(
-                Image.fromarray(to_rgb_array(row["image"])),
+                Image.fromarray(image),
                 points_per_crop=points_per_crop,
                 pred_iou_thresh=pred_iou_thresh,
                 stability_score_thresh=stability_score_thresh,
+                crops_n_layers=crops_n_layers,
             )
-            image_best, image_matched, count = _best_ious(result["masks"], instances, int(instances.max()))
+            masks, scores = result["masks"], torch.as_tensor(result["scores"]).double().cpu().numpy().reshape(-1)
+            if object_crop_scale:
+                masks, scores = refine_on_object_crops(model, image, masks, object_crop_scale)
+            image_best, image_matched, count, hits = _best_ious(masks, instances, int(instances.max()), scores)
             best.extend(image_best.tolist())
             matched += image_matched
             num_masks += count
+            all_scores.extend(scores.tolist())
+            all_hits.extend(hits.tolist())
         best_arr = np.asarray(best)
         out[name] = {
             "num_masks": num_masks,
@@ -432,6 +494,7 @@ def evaluate_automatic(
             "mean_best_iou": float(best_arr.mean()),
             "recall@0.5": float((best_arr >= 0.5).mean()),
             "precision@0.5": float(matched / num_masks) if num_masks else 0.0,
+            "ap@0.5": average_precision(all_scores, all_hits, len(best_arr)),
         }
         logger.info("Automatic masks, %s: %s", name, out[name])
     return out
@@ -519,19 +582,27 @@ def to_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {row['name']} | {row['num_objects']} | " + " | ".join(cells) + " |")
     if "automatic" in summary:
         st = summary["automatic_settings"]
+        extras = "".join(
+            [
+                f", crops_n_layers {st['crops_n_layers']}" if st.get("crops_n_layers") else "",
+                f", each mask decoded again on its object crop ({st['object_crop_scale']:g} x its box)"
+                if st.get("object_crop_scale")
+                else "",
+            ]
+        )
         lines += [
             "",
             f"Automatic mask generation (pipeline('mask-generation'), {st['points_per_crop']}x{st['points_per_crop']} "
             f"points, pred_iou_thresh {st['pred_iou_thresh']}, "
-            f"stability_score_thresh {st['stability_score_thresh']}):",
+            f"stability_score_thresh {st['stability_score_thresh']}{extras}):",
             "",
-            "| model | masks | mean best IoU per object | recall@0.5 | precision@0.5 |",
-            "|---|---|---|---|---|",
+            "| model | masks | mean best IoU per object | recall@0.5 | precision@0.5 | AP@0.5 |",
+            "|---|---|---|---|---|---|",
         ]
         for name, a in summary["automatic"].items():
             lines.append(
                 f"| {name} | {a['num_masks']} | {a['mean_best_iou']:.4f} | {a['recall@0.5']:.4f} | "
-                f"{a['precision@0.5']:.4f} |"
+                f"{a['precision@0.5']:.4f} | {a['ap@0.5']:.4f} |"
             )
     if "interactive" in summary:
         inter = summary["interactive"]
@@ -572,8 +643,6 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
     models = parse_model_specs(eval_args.model)
     device = eval_args.device
     if device is None:
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     predictors = {
         name: SamPredictor.from_pretrained(
@@ -599,19 +668,34 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
         model_paths=models,
     )
     if eval_args.automatic:
+        whole = dataset
+        if data_args.object_crop_scale:
+            # An object-crop row labels one object: the pipeline is scored on the whole images, and each generated
+            # mask is decoded again on its own crop (refine_on_object_crops), as the boxes above were.
+            whole = load_split(
+                replace(data_args, object_crop_scale=None),
+                eval_args.split,
+                eval_args.seed,
+                eval_args.cache_dir,
+                eval_args.token,
+            )
         summary["automatic"] = evaluate_automatic(
             predictors,
-            dataset,
-            mask_type=data_args.label_mask_type,
+            whole,
+            mask_type=data_args.mask_type if data_args.object_crop_scale else data_args.label_mask_type,
             points_per_crop=eval_args.points_per_crop,
             pred_iou_thresh=eval_args.pred_iou_thresh,
             stability_score_thresh=eval_args.stability_score_thresh,
+            crops_n_layers=eval_args.crops_n_layers,
+            object_crop_scale=data_args.object_crop_scale,
             device=device,
         )
         summary["automatic_settings"] = {
             "points_per_crop": eval_args.points_per_crop,
             "pred_iou_thresh": eval_args.pred_iou_thresh,
             "stability_score_thresh": eval_args.stability_score_thresh,
+            "crops_n_layers": eval_args.crops_n_layers,
+            "object_crop_scale": data_args.object_crop_scale,
         }
     if eval_args.interactive_clicks:
         summary["interactive"] = evaluate_interactive(

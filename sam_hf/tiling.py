@@ -31,6 +31,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from PIL import Image
 
 from .data import boxes_from_instances, mask_to_instances, to_rgb_array
@@ -38,7 +39,15 @@ from .inference import SamPrediction, validate_prompts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ObjectCropPredictor", "TiledPredictor", "crop_objects", "object_window", "tile_dataset", "tile_origins"]
+__all__ = [
+    "ObjectCropPredictor",
+    "TiledPredictor",
+    "crop_objects",
+    "object_window",
+    "refine_on_object_crops",
+    "tile_dataset",
+    "tile_origins",
+]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -371,3 +380,53 @@ class ObjectCropPredictor(_WindowedPredictor):
 
     def window(self, extent: np.ndarray) -> tuple[int, int, int, int]:
         return object_window(extent, self.scale, *self.image.shape[:2])
+
+
+def refine_on_object_crops(
+    predictor: Any, image: Any, masks: Any, scale: float, nms_thresh: float = 0.7
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the box of each of `masks` again on its own object crop, and keep the best of overlapping results.
+
+    Automatic mask generation prompts a grid of points on the whole image (or on the pipeline's crops), where a model
+    tuned with `--object_crop_scale` sees its objects at another size than in training. Here each mask serves as a
+    proposal: its box is decoded by `ObjectCropPredictor` on a crop of `scale` times its longer side, as the model was
+    tuned. The refined masks are ranked by their predicted IoU and, as in the pipeline, of two masks whose boxes
+    overlap more than `nms_thresh` (box IoU) only the higher-scoring one is kept.
+
+    Args:
+        predictor (`SamPredictor`): the model.
+        image: the image the masks belong to (PIL image or `(H, W[, C])` array).
+        masks (`array-like`): `(N, H, W)` proposals (bool arrays or tensors); empty ones are skipped.
+        scale (`float`): side of each crop as a multiple of the longer side of a proposal's box.
+        nms_thresh (`float`, *optional*, defaults to 0.7): box IoU above which the lower-scoring mask is dropped.
+
+    Returns:
+        `(masks, scores)`: `(M, H, W)` bool refined masks and their `(M,)` predicted IoUs, highest first. Proposals
+        with the same box are decoded once; refined masks that come back empty are dropped (counted in the log).
+    """
+    from torchvision.ops import masks_to_boxes, nms
+
+    check_crop_scale(scale)
+    image = to_rgb_array(image)
+    height, width = image.shape[:2]
+    proposals = [torch.as_tensor(np.asarray(m.cpu() if hasattr(m, "cpu") else m, bool)) for m in masks]
+    proposals = [m for m in proposals if m.any()]
+    if not proposals:
+        return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
+    boxes = np.unique(masks_to_boxes(torch.stack(proposals)).numpy(), axis=0)
+    result = ObjectCropPredictor(predictor, scale)(image, boxes=boxes)
+    refined, scores = result.masks[:, 0], result.scores[:, 0].astype(np.float32)
+    filled = refined.reshape(len(refined), -1).any(axis=1)
+    if not filled.all():
+        logger.debug("%d of %d refined masks came back empty and are dropped.", int((~filled).sum()), len(filled))
+    refined, scores = refined[filled], scores[filled]
+    if not len(refined):
+        return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
+    keep = nms(masks_to_boxes(torch.from_numpy(refined)).float(), torch.from_numpy(scores), nms_thresh).numpy()
+    logger.debug(
+        "Object-crop refinement: %d proposals, %d distinct boxes, %d masks kept.",
+        len(proposals),
+        len(boxes),
+        len(keep),
+    )
+    return refined[keep], scores[keep]

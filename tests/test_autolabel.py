@@ -72,7 +72,7 @@ def images_dir(tmp_path_factory, nuclei_dir):
 def _args(images_dir, out, **kwargs):
     settings = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_area=5)
     return AutolabelArguments(
-        model=str(TINY_BASE), images=str(images_dir), output_dir=str(out), **{**settings, **kwargs}
+        images=str(images_dir), output_dir=str(out), **{"model": str(TINY_BASE), **settings, **kwargs}
     )
 
 
@@ -95,6 +95,7 @@ def test_autolabel_writes_a_folder_that_training_reads_back(labelled, images_dir
     for name, entry in report["images"].items():
         # every mask the model gave is either an object or counted as dropped
         assert entry["masks_from_model"] == entry["num_objects"] + sum(entry["dropped"].values())
+        assert entry["masks_after_refinement"] is None  # the tiny base was not tuned on object crops
         stem = Path(name).stem
         instances = np.asarray(Image.open(labelled / "instances" / f"{stem}.png"))
         binary = np.asarray(Image.open(labelled / "masks" / f"{stem}.png"))
@@ -152,10 +153,49 @@ def test_overwrite_never_deletes_the_input_images(images_dir, tmp_path):
     assert len(list((out / "images").iterdir())) == 2
 
 
+def test_a_model_tuned_on_object_crops_refines_each_mask_on_its_crop(images_dir, tmp_path, caplog):
+    import logging
+
+    from transformers import pipeline
+
+    from sam_hf import SamPredictor
+    from sam_hf.tiling import refine_on_object_crops
+
+    model_dir = tmp_path / "crop-model"
+    shutil.copytree(TINY_BASE, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "object_crop_scale": 7}))
+    with caplog.at_level(logging.INFO, logger="sam_hf.autolabel"):
+        report = run_autolabel(_args(images_dir, tmp_path / "out", model=str(model_dir), max_images=1))
+    assert "was tuned on object crops (config.json object_crop_scale 7)" in caplog.text
+    assert report["settings"]["object_crop_scale"] == 7
+    # The same steps by hand: the pipeline's masks, each box decoded again on its crop, then the overlap rules.
+    name, entry = next(iter(report["images"].items()))
+    image = Image.open(images_dir / name).convert("RGB")
+    outputs = pipeline("mask-generation", model=str(model_dir))(
+        image, points_per_crop=4, pred_iou_thresh=0.0, stability_score_thresh=0.0
+    )
+    masks, _ = refine_on_object_crops(SamPredictor.from_pretrained(str(model_dir)), image, outputs["masks"], 7)
+    expected, kept, _ = instance_map(masks, min_area=5)
+    assert entry["masks_from_model"] == len(outputs["masks"]) and entry["masks_after_refinement"] == len(masks)
+    assert entry["masks_after_refinement"] == entry["num_objects"] + sum(entry["dropped"].values())
+    written = np.asarray(Image.open(tmp_path / "out" / "instances" / f"{Path(name).stem}.png"))
+    np.testing.assert_array_equal(written, expected)
+    assert len(kept) > 0
+    # --object_crop_scale 0 keeps the pipeline's masks as they are.
+    plain = run_autolabel(
+        _args(images_dir, tmp_path / "plain", model=str(model_dir), max_images=1, object_crop_scale=0)
+    )
+    assert plain["settings"]["object_crop_scale"] is None
+    assert plain["images"][name]["masks_after_refinement"] is None
+    assert plain["images"][name]["masks_from_model"] == len(outputs["masks"])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"output_format": "coco"}, "--output_format must be one of"),
+        ({"object_crop_scale": 0.5}, r"--object_crop_scale must be >= 1 \(or 0: off\)"),
         ({"pred_iou_thresh": 1.5}, r"--pred_iou_thresh must be in \[0, 1\]"),
         ({"points_per_side": 0}, "--points_per_side must be >= 1"),
         ({"min_area": -1}, "--min_area must be >= 0"),
@@ -184,7 +224,10 @@ def test_images_without_objects_are_written_empty_and_warned(images_dir, tmp_pat
     def no_masks(image, **kwargs):
         return {"masks": [], "scores": torch.zeros(0)}
 
-    monkeypatch.setattr(autolabel, "_mask_generator", lambda args: no_masks)
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace())  # tuned without object crops: no refinement
+    monkeypatch.setattr(autolabel, "_mask_generator", lambda args: (no_masks, SimpleNamespace(model=model)))
     with caplog.at_level(logging.WARNING, logger="sam_hf.autolabel"):
         report = run_autolabel(_args(images_dir, tmp_path / "out"))
     assert report["num_objects"] == 0

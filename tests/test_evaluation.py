@@ -193,10 +193,22 @@ def test_automatic_mask_evaluation_against_numpy(eval_images, tiny_model_dir):
         any(_numpy_dice_iou(np.asarray(m, bool), inst == k)[1] >= 0.5 for k in range(1, inst.max() + 1))
         for m in result["masks"]
     )
+    # AP from the pipeline's scores: masks in descending score each claim the free object they overlap most.
+    from sam_hf.evaluation import average_precision
+
+    scores = np.asarray(result["scores"], np.float64).reshape(-1)
+    free, hits = set(range(1, inst.max() + 1)), []
+    for j in np.argsort(-scores, kind="stable"):
+        ious = {k: _numpy_dice_iou(np.asarray(result["masks"][j], bool), inst == k)[1] for k in free}
+        k = max(ious, key=ious.get, default=None)
+        hits.append(k is not None and ious[k] >= 0.5)
+        if hits[-1]:
+            free.discard(k)
     assert got["num_masks"] == len(result["masks"]) > 0 and got["num_objects"] == inst.max()
     assert got["mean_best_iou"] == pytest.approx(np.mean(best), abs=1e-6)
     assert got["recall@0.5"] == pytest.approx(np.mean(np.array(best) >= 0.5))
     assert got["precision@0.5"] == pytest.approx(matched / len(result["masks"]))
+    assert got["ap@0.5"] == pytest.approx(average_precision(np.sort(scores)[::-1], hits, inst.max()))
 
 
 def test_cached_embeddings_give_the_same_scores(eval_images, tiny_model_dir, tmp_path):
@@ -314,6 +326,26 @@ def test_automatic_matching_through_the_instance_map_matches_dense_iou():
         [[_numpy_dice_iou(np.asarray(g, bool), instances == k)[1] for k in range(1, n + 1)] for g in generated]
     )
     iou[~np.array([np.asarray(g, bool).any() for g in generated])] = 0.0  # an empty mask matches nothing
-    best, matched, count = _best_ious(generated, instances, n)
+    best, matched, count, hits = _best_ious(generated, instances, n)
     np.testing.assert_allclose(best, iou.max(0))
     assert matched == int((iou.max(1) >= 0.5).sum()) and count == 4
+    # One to one, by score: of two masks on object 2 only the higher-scoring one is a true positive.
+    generated = [instances == 2, instances == 3, instances == 2, np.zeros((30, 40))]
+    _, matched, _, hits = _best_ious(generated, instances, n, scores=[0.2, 0.5, 0.9, 0.95])
+    assert hits.tolist() == [False, True, True, False] and matched == 3
+    _, _, _, hits = _best_ious(generated, instances, n)  # no scores: the order given
+    assert hits.tolist() == [True, True, False, False]
+
+
+def test_average_precision_by_hand():
+    from sam_hf.evaluation import average_precision
+
+    # Ranked: hit, miss, hit, miss over 3 objects. Precision 1, 1/2, 2/3, 1/2 at recall 1/3, 1/3, 2/3, 2/3; the best
+    # precision at or beyond each recall level: 1 for the 34 levels 0..0.33, 2/3 for the 33 levels 0.34..0.66, and 0
+    # for the 34 levels 0.67..1 that no ranking reaches.
+    expected = (34 * 1 + 33 * 2 / 3) / 101
+    assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0], 3) == pytest.approx(expected)
+    assert average_precision([0.6, 0.8, 0.9, 0.7], [0, 0, 1, 1], 3) == pytest.approx(expected)  # any input order
+    assert average_precision([0.9, 0.8], [1, 1], 2) == 1.0
+    assert average_precision([0.9, 0.8], [0, 1], 1) == pytest.approx(0.5)
+    assert average_precision([], [], 4) == 0.0 and average_precision([0.5], [0], 0) == 0.0

@@ -15,6 +15,7 @@ from sam_hf.tiling import (
     TiledPredictor,
     crop_objects,
     object_window,
+    refine_on_object_crops,
     tile_dataset,
     tile_origins,
     tile_starts,
@@ -193,6 +194,52 @@ def test_object_crop_prediction_pastes_each_mask_back():
         cropping.predict(boxes=boxes[:1], mask_input=np.zeros((4, 4)))
 
 
+class _ScoredBoxFilling(_BoxFilling):
+    """Fills each box; its score falls with the box's left edge in the full image (the crop's offset is undone from
+    the image it was given, which records where it was cut)."""
+
+    def predict(self, boxes=None, **kwargs):
+        result = super().predict(boxes=boxes, **kwargs)
+        left = np.asarray(boxes)[:, 0] + self.offset
+        return SamPrediction(result.masks, (1 - left / 1000)[:, None], result.logits)
+
+
+def test_refinement_on_object_crops_decodes_each_box_once_and_keeps_the_best_of_overlaps():
+    image = np.zeros((100, 120, 3), np.uint8)
+    image[..., 0] = np.arange(120)  # the red channel is the column: each crop says where it was cut
+    predictor = _ScoredBoxFilling()
+    set_image = predictor.set_image
+
+    def set_image_and_offset(crop):
+        set_image(crop)
+        predictor.offset = int(np.asarray(crop)[0, 0, 0])
+
+    predictor.set_image = set_image_and_offset
+    proposals = np.zeros((6, 100, 120), bool)
+    proposals[0, 10:30, 10:12] = proposals[0, 28:30, 10:30] = True  # an L: box x 10..29, y 10..29
+    proposals[1, 10:30, 28:30] = proposals[1, 10:12, 10:30] = True  # another shape with the same box
+    proposals[2, 11:31, 11:31] = True  # box IoU 361 / 439 = 0.82 with the first box, lower score: suppressed
+    proposals[3, 40:50, 60:70] = True  # apart from the others
+    # proposals[4] is empty: skipped
+    proposals[5, 40:50, 80:84] = True  # box x 80..83, y 40..49; IoU 0 with the others
+    masks, scores = refine_on_object_crops(predictor, image, list(proposals), scale=2)
+    expected = np.zeros((3, 100, 120), bool)
+    expected[0, 10:30, 10:30] = expected[1, 40:50, 60:70] = expected[2, 40:50, 80:84] = True
+    np.testing.assert_array_equal(masks, expected)
+    np.testing.assert_allclose(scores, [0.990, 0.940, 0.920], rtol=1e-6)
+    # Four distinct boxes, each decoded once on its own crop of 2 x its longer side: 40, 40, 20 and 20 px.
+    assert predictor.encoded == [(40, 40), (40, 40), (20, 20), (20, 20)]
+    # Tensors are accepted too; with no proposal, nothing is decoded.
+    import torch
+
+    again, _ = refine_on_object_crops(predictor, image, [torch.from_numpy(proposals[3])], scale=2)
+    np.testing.assert_array_equal(again, expected[1:2])
+    none, none_scores = refine_on_object_crops(predictor, image, [np.zeros((100, 120), bool)], scale=2)
+    assert none.shape == (0, 100, 120) and none_scores.shape == (0,)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        refine_on_object_crops(predictor, image, list(proposals), scale=0.5)
+
+
 def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     from PIL import Image
 
@@ -222,10 +269,15 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     from sam_hf.evaluation import EvaluateArguments, run_evaluation
 
     summary = run_evaluation(
-        EvaluateArguments(model=[f"tuned={tmp_path / 'run'}"], output_dir=str(tmp_path / "eval")),
+        EvaluateArguments(model=[f"tuned={tmp_path / 'run'}"], output_dir=str(tmp_path / "eval"), automatic=True,
+                          points_per_crop=4, pred_iou_thresh=0, stability_score_thresh=0),
         DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=1, object_crop_scale=6),
-    )
+    )  # fmt: skip
     assert summary["num_images"] == 1 and summary["num_objects"] == objects
+    # Automatic masks are scored on the whole image (a crop labels one object), each refined on its own crop.
+    assert summary["automatic"]["tuned"]["num_objects"] == objects
+    assert summary["automatic_settings"]["object_crop_scale"] == 6
+    assert "each mask decoded again on its object crop (6 x its box)" in (tmp_path / "eval" / "metrics.md").read_text()
     assert summary["models"]["tuned"]["per_image"][0]["name"] == eval_name
     # Training evaluated from float16 cached embeddings, evaluate.py runs the encoder: equal to rounding.
     assert summary["models"]["tuned"]["dice"]["mean"] == pytest.approx(metrics["eval_dice"], abs=1e-4)
