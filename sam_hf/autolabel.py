@@ -8,7 +8,9 @@ sam-hf autolabel --model runs/demo --images my_images --output_dir my_labels \
 Each image goes through transformers' `pipeline("mask-generation")` (a grid of point prompts, SAM's three masks per
 point, the predicted-IoU and stability filters, box non-maximum suppression). The masks left are filtered by area,
 merged into one instance map (where masks overlap, the smaller one wins, as in `sam_hf.label_image`), and written
-in the layout of `data/nuclei_demo`, which `scripts/train.py --dataset_name my_labels` reads back as it is:
+in the layout of `data/nuclei_demo`, which `scripts/train.py --dataset_name my_labels` reads back as it is. For a
+model tuned on object crops (`--object_crop_scale`, kept in its `config.json`), each mask's box is first decoded again
+on its own crop (`sam_hf.tiling.refine_on_object_crops`), as the model saw its objects in training:
 
 ```text
 my_labels/

@@ -98,6 +98,14 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="CLIPSeg checkpoint for the `text` field of /segment (Hub id or directory); loaded on first use",
     )
     parser.add_argument(
+        "--object-crop-scale",
+        type=float,
+        default=None,
+        help="decode each box prompt on its own square crop, this many times the box's longer side, and refine "
+        "automatic masks the same way; defaults to the scale the model was tuned with (config.json "
+        "object_crop_scale); 0 turns it off",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -116,7 +124,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.model:
         args.parser.error(f"give --model <directory or Hub id>, or set ${MODEL_ENV}")
     limits = {field: getattr(args, field) for _, field, _, _ in _SERVE_LIMITS}
-    settings = ServeSettings(device=args.device, text_model=args.text_model, **limits)
+    settings = ServeSettings(
+        device=args.device, text_model=args.text_model, object_crop_scale=args.object_crop_scale, **limits
+    )
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("Serving %s on http://%s:%d with %s", args.model, args.host, args.port, settings)
     uvicorn.run(create_app(args.model, settings=settings), host=args.host, port=args.port, log_level=args.log_level)

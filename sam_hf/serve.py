@@ -17,6 +17,10 @@ or from the shell: `sam-hf serve --model runs/demo`. Endpoints:
 - `POST /segment/auto`: automatic masks from the transformers `mask-generation` pipeline on a grid of
   `points_per_side` x `points_per_side` points.
 
+A model tuned on object crops (`object_crop_scale` in its `config.json`) decodes each box prompt on its own crop, and
+refines each automatic mask on one, as in training (`ServeSettings.object_crop_scale`); answers say which scale was
+used (`"object_crop_scale"`, `null` for the whole image).
+
 Every model call runs in a worker thread under one lock, so the event loop stays free and concurrent requests
 never share the predictor's image state. Bad input gets a 4xx JSON `{"detail": "..."}` that says what was wrong.
 """
@@ -52,6 +56,7 @@ from starlette.datastructures import FormData, UploadFile
 from .data import to_rgb_array
 from .inference import SamPredictor, validate_prompts
 from .text_prompts import DEFAULT_TEXT_MODEL, check_text
+from .tiling import ObjectCropPredictor, refine_on_object_crops
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +111,11 @@ class ServeSettings:
         device (`str`, *optional*): where the model runs; `"cuda"` if available, else `"cpu"`.
         text_model (`str`, *optional*, defaults to `"CIDAS/clipseg-rd64-refined"`): the CLIPSeg checkpoint that turns
             the `text` field of `/segment` into box prompts (see `sam_hf.text_prompts`); loaded on first use.
+        object_crop_scale (`float`, *optional*): decode each box prompt of `/segment` on its own square crop, this
+            many times the box's longer side (`sam_hf.tiling.ObjectCropPredictor`), and decode each mask of
+            `/segment/auto` again the same way (`sam_hf.tiling.refine_on_object_crops`). Defaults to the scale the
+            model was tuned with (`object_crop_scale` in its `config.json`, none for most models); 0 turns it off.
+            Prompts without a box, and prompts with a `mask_input`, are decoded on the whole image.
     """
 
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -120,8 +130,12 @@ class ServeSettings:
     workers: int = 4
     device: str | None = None
     text_model: str = DEFAULT_TEXT_MODEL
+    object_crop_scale: float | None = None
 
     def __post_init__(self) -> None:
+        scale = self.object_crop_scale
+        if scale is not None and (isinstance(scale, bool) or not (scale == 0 or scale >= 1)):
+            raise ValueError(f"ServeSettings.object_crop_scale must be >= 1 (or 0: off), got {scale!r}.")
         for name in _INTEGER_LIMITS:
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():  # e.g. max_image_pixels=40e6
@@ -423,13 +437,21 @@ class _ModelService:
         self.model_id = model
         self.settings = settings
         self.predictor = SamPredictor.from_pretrained(model, device=device)
-        crop_scale = getattr(self.predictor.model.config, "object_crop_scale", None)
-        if crop_scale:
-            logger.warning(
-                "%s was tuned on object crops (config.json object_crop_scale %g), but /segment decodes prompts on the "
-                "whole image, where such a model does worse; scripts/predict.py decodes on the same crops.",
+        trained = getattr(self.predictor.model.config, "object_crop_scale", None)
+        self.crop_scale = (settings.object_crop_scale if settings.object_crop_scale is not None else trained) or None
+        if settings.object_crop_scale:
+            logger.info(
+                "Box prompts are decoded on object crops of %g x the box (--object-crop-scale), and automatic masks "
+                "refined on them.",
+                self.crop_scale,
+            )
+        elif self.crop_scale:
+            logger.info(
+                "%s was tuned on object crops (config.json object_crop_scale %g): box prompts are decoded on crops of "
+                "that scale and automatic masks refined on them, as in training; --object-crop-scale 0 decodes on the "
+                "whole image.",
                 model,
-                crop_scale,
+                self.crop_scale,
             )
         self.lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="sam-hf-serve")
@@ -568,9 +590,12 @@ class _ModelService:
             # Bound the float32 logits up-sampled at once; chunking does not change the masks.
             side = max(image.height * image.width, self._padded_pixels())
             self.predictor.chunk_size = max(1, min(64, _CHUNK_ELEMENTS // (per_prompt * side)))
-            self.predictor.set_image(pixels)
+            # A crop needs a box, and a previous mask is in the whole image's frame.
+            cropped = self.crop_scale if boxes is not None and previous is None else None
+            predictor = ObjectCropPredictor(self.predictor, cropped) if cropped else self.predictor
+            predictor.set_image(pixels)
             mask_input = self.predictor.mask_input_from_mask(previous) if previous is not None else None
-            result = self.predictor.predict(
+            result = predictor.predict(
                 boxes=boxes, points=points, point_labels=labels, multimask_output=multimask, mask_input=mask_input
             )
         payload = {
@@ -578,6 +603,7 @@ class _ModelService:
             "height": image.height,
             "mask_format": mask_format,
             "multimask_output": multimask,
+            "object_crop_scale": cropped,
             "masks": _encode_masks(result.masks, mask_format),
             "scores": result.scores.tolist(),
         }
@@ -604,17 +630,20 @@ class _ModelService:
             self._check_mask_pixels(len(boxes) * per_prompt, image, f"{len(boxes)} text boxes x {per_prompt} masks")
             side = max(image.height * image.width, self._padded_pixels())
             self.predictor.chunk_size = max(1, min(64, _CHUNK_ELEMENTS // (per_prompt * side)))
-            self.predictor.set_image(pixels)
+            cropped = self.crop_scale
+            predictor = ObjectCropPredictor(self.predictor, cropped) if cropped else self.predictor
+            predictor.set_image(pixels)
             masks = np.zeros((0, per_prompt, image.height, image.width), bool)
             scores = np.zeros((0, per_prompt))
             if len(boxes):
-                result = self.predictor.predict(boxes=boxes, multimask_output=multimask)
+                result = predictor.predict(boxes=boxes, multimask_output=multimask)
                 masks, scores = result.masks, result.scores
         payload = {
             "width": image.width,
             "height": image.height,
             "mask_format": fmt,
             "multimask_output": multimask,
+            "object_crop_scale": cropped,
             "text": text,
             "boxes": boxes.tolist(),
             "text_peaks": peaks.tolist(),
@@ -635,26 +664,34 @@ class _ModelService:
         self._check_mask_pixels(
             3 * points_per_side**2, image, f"Up to 3 x {points_per_side}^2 masks for points_per_side={points_per_side}"
         )
-        pil_image = Image.fromarray(image.load())
+        pixels = image.load()
         side = max(image.height * image.width, self._padded_pixels())
         with self.lock:
             if cancelled.is_set():
                 raise _Cancelled
             generator = self.mask_generator()
             outputs = generator(
-                pil_image,
+                Image.fromarray(pixels),
                 points_per_crop=points_per_side,
                 points_per_batch=max(1, min(64, _CHUNK_ELEMENTS // (3 * side))),
                 **pipeline_kwargs,
             )
-        masks = [np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m, dtype=bool) for m in outputs["masks"]]
-        scores = outputs["scores"]
-        scores = scores.cpu().float().tolist() if isinstance(scores, torch.Tensor) else [float(s) for s in scores]
+            masks = [np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m, dtype=bool) for m in outputs["masks"]]
+            scores = outputs["scores"]
+            scores = scores.cpu().float().tolist() if isinstance(scores, torch.Tensor) else [float(s) for s in scores]
+            cropped = self.crop_scale
+            if cropped:
+                self.predictor.chunk_size = max(1, min(64, _CHUNK_ELEMENTS // side))
+                refined, refined_scores = refine_on_object_crops(
+                    self.predictor, pixels, masks, cropped, pipeline_kwargs.get("crops_nms_thresh", 0.7)
+                )
+                masks, scores = list(refined), refined_scores.tolist()
         payload = {
             "width": image.width,
             "height": image.height,
             "mask_format": mask_format,
             "points_per_side": points_per_side,
+            "object_crop_scale": cropped,
             "masks": [_encode_masks(m, mask_format) for m in masks],
             "scores": scores,
         }

@@ -467,3 +467,66 @@ def test_segment_refines_with_a_previous_mask(client, predictor, synthetic_png):
     assert response.status_code == 422 and "20x10 but the image is 200x120" in response.json()["detail"]
     garbage = _segment(client, synthetic_png, {"boxes": BOXES[:1], "mask_input": "not base64!"})
     assert garbage.status_code == 422 and "mask_input" in garbage.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def crop_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model as if tuned with --object_crop_scale 3."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("crop-model") / "m"
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "object_crop_scale": 3}))
+    return path
+
+
+def test_a_model_tuned_on_object_crops_is_served_on_crops(crop_model_dir, synthetic_png):
+    from transformers import pipeline
+
+    from sam_hf.tiling import ObjectCropPredictor, refine_on_object_crops
+
+    library = SamPredictor.from_pretrained(str(crop_model_dir))
+    image = Image.open(io.BytesIO(synthetic_png))
+    boxes = [[10, 12, 40, 30], [100, 40, 180, 110]]
+    with (
+        ThreadedServer(create_app(crop_model_dir, settings=SETTINGS)) as running,
+        httpx.Client(base_url=running.url, timeout=60) as c,
+    ):
+        body = _segment(c, synthetic_png, {"boxes": boxes}).json()
+        expected = ObjectCropPredictor(library, 3)(image, boxes=boxes)
+        assert body["object_crop_scale"] == 3
+        np.testing.assert_array_equal(_decode_masks(body), expected.masks)
+        np.testing.assert_allclose(body["scores"], expected.scores, rtol=1e-5)
+        # A prompt without a box has no crop: the whole image, as the library decodes it.
+        body = _segment(c, synthetic_png, {"points": POINTS[:1], "point_labels": LABELS[:1]}).json()
+        assert body["object_crop_scale"] is None
+        library.set_image(image)
+        np.testing.assert_array_equal(
+            _decode_masks(body), library.predict(points=POINTS[:1], point_labels=LABELS[:1]).masks
+        )
+        # Automatic masks: the pipeline's, each decoded again on its own crop.
+        settings = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+        response = c.post(
+            "/segment/auto",
+            params={"points_per_side": 4, **settings},
+            files={"image": ("image.png", synthetic_png, "image/png")},
+        )
+        body = response.json()
+        proposals = pipeline("mask-generation", model=str(crop_model_dir))(image, points_per_crop=4, **settings)
+        masks, scores = refine_on_object_crops(library, image, proposals["masks"], 3)
+        assert body["object_crop_scale"] == 3 and len(body["masks"]) == len(masks) > 0
+        np.testing.assert_array_equal(np.stack([decode_rle(m) for m in body["masks"]]), masks)
+        np.testing.assert_allclose(body["scores"], scores, rtol=1e-5)
+    # object_crop_scale=0 serves the same model on the whole image.
+    off = ServeSettings(**{**SETTINGS.__dict__, "object_crop_scale": 0})
+    with (
+        ThreadedServer(create_app(crop_model_dir, settings=off)) as running,
+        httpx.Client(base_url=running.url, timeout=60) as c,
+    ):
+        body = _segment(c, synthetic_png, {"boxes": boxes}).json()
+        assert body["object_crop_scale"] is None
+        library.set_image(image)
+        np.testing.assert_array_equal(_decode_masks(body), library.predict(boxes=boxes).masks)
+    with pytest.raises(ValueError, match=r"object_crop_scale must be >= 1 \(or 0: off\)"):
+        ServeSettings(object_crop_scale=0.5)
