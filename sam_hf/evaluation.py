@@ -224,7 +224,8 @@ def evaluate_models(
             frozen encoder) instead of running the encoder again.
 
     Returns:
-        A dict with `objects` (per object: `image`, `name`, `object_id`, `area`, and `dice` / `iou` per model) and
+        A dict with `objects` (per object: `image`, `name`, `object_id`, `area`, and per model `dice`, `iou` and
+        `predicted_iou`, the model's own estimate of that IoU, its `iou_scores`) and
         `figure_samples` (see `sam_hf.viz.plot_base_vs_tuned`; at most `FIGURE_MAX_OBJECTS` objects per image).
 
     Models whose vision encoders have identical weights and the same image processor share one image encoding.
@@ -243,6 +244,7 @@ def evaluate_models(
         )
 
     metrics = {name: load_object_metrics(experiment_id=f"sam_hf_{name}") for name in predictors}
+    predicted_iou: dict[str, list[float]] = {name: [] for name in predictors}
     objects: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     # Tiles and object crops (`sam_hf.tiling`) are scored per source image: their rows name it.
@@ -269,7 +271,9 @@ def evaluate_models(
                 predictor = predictors[member]
                 figure_masks = []
                 for start in range(0, len(boxes), predictor.chunk_size):
-                    masks = predictor.predict(boxes=boxes[start : start + predictor.chunk_size]).masks[:, 0]
+                    result = predictor.predict(boxes=boxes[start : start + predictor.chunk_size])
+                    masks = result.masks[:, 0]
+                    predicted_iou[member].extend(result.scores[:, 0].tolist())
                     pairs = [
                         _object_crops(m, instances, int(ids[start + j]), gt_slices[start + j])
                         for j, m in enumerate(masks)
@@ -277,7 +281,7 @@ def evaluate_models(
                     metrics[member].add_batch(predictions=[p for p, _ in pairs], references=[g for _, g in pairs])
                     if start < num_figure:
                         figure_masks.append(masks[: num_figure - start].copy())
-                    del masks, pairs
+                    del masks, pairs, result
                 if keep_figure:
                     per_model[member] = (
                         np.concatenate(figure_masks) if figure_masks else np.zeros((0, *instances.shape), bool)
@@ -306,9 +310,10 @@ def evaluate_models(
         result = metric.compute(return_per_object=True)
         if result["num_objects"] != len(objects):
             raise RuntimeError(f"{model_name}: scored {result['num_objects']} objects, expected {len(objects)}.")
-        for obj, d, i in zip(objects, result["dice"], result["iou"]):
+        for obj, d, i, p in zip(objects, result["dice"], result["iou"], predicted_iou[model_name]):
             obj.setdefault("dice", {})[model_name] = float(d)
             obj.setdefault("iou", {})[model_name] = float(i)
+            obj.setdefault("predicted_iou", {})[model_name] = float(p)
     for sample in samples:
         first, k = sample.pop("first_object"), len(sample["boxes"])
         sample["dice"] = {m: np.array([o["dice"][m] for o in objects[first : first + k]]) for m in predictors}
@@ -536,10 +541,12 @@ def summarize(objects: list[dict[str, Any]], model_names: list[str]) -> dict[str
                 "dice": float(dice[sel].mean()) if sel.any() else None,
                 "iou": float(iou[sel].mean()) if sel.any() else None,
             }
+        predicted = np.array([o["predicted_iou"][m] for o in objects])
         summary["models"][m] = {
             "num_objects": len(objects),
             "dice": {"mean": float(dice.mean()), "median": float(np.median(dice))},
             "iou": {"mean": float(iou.mean()), "median": float(np.median(iou))},
+            "predicted_iou": {"mean": float(predicted.mean()), "correlation": _correlation(predicted, iou)},
             "per_image_mean": {
                 "dice": float(np.mean([p["dice"] for p in per_image])),
                 "iou": float(np.mean([p["iou"] for p in per_image])),
@@ -548,6 +555,13 @@ def summarize(objects: list[dict[str, Any]], model_names: list[str]) -> dict[str
             "per_image": per_image,
         }
     return summary
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two samples; `None` where it is undefined (fewer than 2 values, or a constant)."""
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
@@ -563,6 +577,19 @@ def to_markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {m['num_objects']} | {m['dice']['mean']:.4f} | {m['dice']['median']:.4f} | "
             f"{m['iou']['mean']:.4f} | {m['iou']['median']:.4f} | {m['per_image_mean']['dice']:.4f} |"
+        )
+    lines += [
+        "",
+        "Predicted IoU (the model's `iou_scores` for its box-prompted mask) against the actual IoU, per object:",
+        "",
+        "| model | mean predicted IoU | mean actual IoU | correlation |",
+        "|---|---|---|---|",
+    ]
+    for name, m in models.items():
+        corr = m["predicted_iou"]["correlation"]
+        lines.append(
+            f"| {name} | {m['predicted_iou']['mean']:.4f} | {m['iou']['mean']:.4f} | "
+            f"{'-' if corr is None else f'{corr:.3f}'} |"
         )
     first = next(iter(models.values()))["size_terciles"]
     heads = [

@@ -80,7 +80,7 @@ def test_evaluation_agrees_with_independent_numpy(eval_images, tiny_model_dir, t
     # Independent path: plain processor + full forward + post-processing, then NumPy Dice / IoU per object.
     for name, path in (("base", tiny_model_dir), ("tuned", tuned_dir)):
         model, processor = SamModel.from_pretrained(path).eval(), SamProcessor.from_pretrained(path)
-        expected_dice, expected_iou, areas = [], [], []
+        expected_dice, expected_iou, expected_scores, areas = [], [], [], []
         for row in eval_images:
             inst = mask_to_instances(row["label"])
             boxes = boxes_from_instances(inst)
@@ -92,6 +92,7 @@ def test_evaluation_agrees_with_independent_numpy(eval_images, tiny_model_dir, t
             masks = processor.post_process_masks(
                 out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
             )
+            expected_scores.extend(out.iou_scores[0, :, 0].tolist())
             for k, mask in enumerate(masks[0][:, 0].numpy()):
                 d, i = _numpy_dice_iou(mask, inst == k + 1)
                 expected_dice.append(d)
@@ -101,6 +102,7 @@ def test_evaluation_agrees_with_independent_numpy(eval_images, tiny_model_dir, t
         np.testing.assert_allclose(got_dice, expected_dice, atol=2e-3)  # a pixel at the threshold may flip
         np.testing.assert_allclose([o["iou"][name] for o in objects], expected_iou, atol=2e-3)
         assert [o["area"] for o in objects] == areas
+        np.testing.assert_allclose([o["predicted_iou"][name] for o in objects], expected_scores, atol=1e-5)
     # Summary statistics against NumPy directly.
     summary = summarize(objects, ["base", "tuned"])
     dice = np.array([o["dice"]["tuned"] for o in objects])
@@ -113,7 +115,12 @@ def test_evaluation_agrees_with_independent_numpy(eval_images, tiny_model_dir, t
     first = [o for o in objects if o["image"] == 0]
     assert m["per_image"][0]["dice"] == pytest.approx(np.mean([o["dice"]["tuned"] for o in first]))
     assert sum(t["num_objects"] for t in m["size_terciles"].values()) == len(objects)
+    predicted = np.array([o["predicted_iou"]["tuned"] for o in objects])
+    actual = np.array([o["iou"]["tuned"] for o in objects])
+    assert m["predicted_iou"]["mean"] == pytest.approx(predicted.mean())
+    assert m["predicted_iou"]["correlation"] == pytest.approx(np.corrcoef(predicted, actual)[0, 1])
     table = to_markdown(summary)
+    assert f"| tuned | {predicted.mean():.4f} | {actual.mean():.4f} |" in table
     assert f"{m['dice']['mean']:.4f}" in table and "| base |" in table
 
 
