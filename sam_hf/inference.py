@@ -194,18 +194,36 @@ class SamPredictor:
     @torch.no_grad()
     def set_image(self, image: Any) -> None:
         """Encode `image` (PIL image or `(H, W)`, `(H, W, 3|4)` array) once for the prompts that follow."""
-        rgb = np.array(to_rgb_array(image))  # a writable copy for the processor
-        inputs = encode_images(self.processor.image_processor, rgb)
-        original_size = tuple(int(v) for v in inputs["original_sizes"][0])
-        if original_size != rgb.shape[:2]:
-            raise RuntimeError(
-                f"The image processor read a {rgb.shape[0]}x{rgb.shape[1]} (HxW) image as {original_size[0]}x"
-                f"{original_size[1]}; it must take (H, W, 3) channels-last input."
-            )
+        self.image_embeddings, self.original_size, self.reshaped_size = self.encode_batch([image])[0]
+
+    @torch.no_grad()
+    def encode_batch(
+        self, images: list[Any]
+    ) -> list[tuple[tuple[torch.Tensor, ...], tuple[int, int], tuple[int, int]]]:
+        """Encode several images (of any sizes) in one vision-encoder call.
+
+        Returns:
+            Per image `(features, original_size, reshaped_size)`, the arguments of `set_image_embeddings`: its
+            feature levels (batch dimension 1) and its `(height, width)` before and after the processor's resize.
+        """
+        rgbs = [np.array(to_rgb_array(image)) for image in images]  # writable copies for the processor
+        inputs = encode_images(self.processor.image_processor, rgbs)
+        for rgb, size in zip(rgbs, inputs["original_sizes"].tolist()):
+            if tuple(size) != rgb.shape[:2]:
+                raise RuntimeError(
+                    f"The image processor read a {rgb.shape[0]}x{rgb.shape[1]} (HxW) image as {size[0]}x{size[1]}; it "
+                    "must take (H, W, 3) channels-last input."
+                )
         pixel_values = inputs["pixel_values"].to(self.device, self.model.dtype)
-        self.image_embeddings = self.family.encode(self.model, pixel_values)
-        self.original_size = original_size
-        self.reshaped_size = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
+        levels = self.family.encode(self.model, pixel_values)
+        return [
+            (
+                tuple(level[i : i + 1] for level in levels),
+                tuple(int(v) for v in inputs["original_sizes"][i]),
+                tuple(int(v) for v in inputs["reshaped_input_sizes"][i]),
+            )
+            for i in range(len(rgbs))
+        ]
 
     def set_image_embeddings(
         self, embeddings: Any, original_size: tuple[int, int], reshaped_size: tuple[int, int]

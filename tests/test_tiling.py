@@ -304,3 +304,31 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     assert (whole != (masks["default"] > 0)).any()
     # A model tuned without crops has no scale: whole-image decoding, as before.
     assert "object_crop_scale" not in json.loads((tiny_model_dir / "config.json").read_text())
+
+
+def test_windows_encoded_in_batches_give_the_same_masks(tiny_model_dir):
+    """Crops encoded several per vision-encoder call decode as when each is encoded alone."""
+    from sam_hf import SamPredictor
+
+    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
+    calls = []
+    predictor.model.vision_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (150, 220, 3), np.uint8)
+    boxes = [[10, 10, 30, 25], [100, 40, 140, 90], [180, 120, 215, 145], [50, 100, 60, 112], [10, 10, 30, 25]]
+    one = ObjectCropPredictor(predictor, scale=3, batch_size=1)(image, boxes=boxes)
+    assert calls == [1, 1, 1, 1]  # four distinct crops; the repeated box shares its crop
+    calls.clear()
+    batched = ObjectCropPredictor(predictor, scale=3, batch_size=3)(image, boxes=boxes)
+    assert calls == [3, 1]
+    np.testing.assert_allclose(batched.logits, one.logits, atol=1e-4)
+    np.testing.assert_allclose(batched.scores, one.scores, atol=1e-5)
+    assert (batched.masks != one.masks).mean() < 1e-4  # only a logit at the threshold could flip
+    calls.clear()
+    tiled = TiledPredictor(predictor, tile_size=128, tile_overlap=32, batch_size=8)(image, boxes=boxes)
+    alone = TiledPredictor(predictor, tile_size=128, tile_overlap=32, batch_size=1)(image, boxes=boxes)
+    assert calls[0] > 1
+    np.testing.assert_allclose(tiled.logits, alone.logits, atol=1e-4)
+    assert ObjectCropPredictor(predictor, scale=3).batch_size == 1  # on a CPU
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        ObjectCropPredictor(predictor, scale=3, batch_size=0)
