@@ -56,3 +56,17 @@ def test_cached_training_step_on_cuda_matches_cpu(tiny_model_dir, nuclei_dir, tm
         loss.backward()
         losses[device] = loss.item()
     assert abs(losses["cpu"] - losses["cuda"]) < 1e-3 * max(1.0, abs(losses["cpu"]))
+
+
+def test_object_crops_are_encoded_in_batches_on_cuda(tiny_model_dir):
+    import numpy as np
+
+    from sam_hf import SamPredictor
+    from sam_hf.tiling import ObjectCropPredictor
+
+    image = np.random.default_rng(0).integers(0, 255, (150, 220, 3), np.uint8)
+    boxes = [[10, 10, 30, 25], [100, 40, 140, 90], [180, 120, 215, 145], [50, 100, 60, 112]]
+    cuda = ObjectCropPredictor(SamPredictor.from_pretrained(str(tiny_model_dir), device="cuda"), scale=3)
+    assert cuda.batch_size == 8
+    cpu = ObjectCropPredictor(SamPredictor.from_pretrained(str(tiny_model_dir)), scale=3)
+    np.testing.assert_allclose(cuda(image, boxes=boxes).logits, cpu(image, boxes=boxes).logits, atol=1e-3)
