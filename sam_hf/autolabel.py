@@ -290,7 +290,7 @@ def _mask_generator(args: AutolabelArguments) -> tuple[Any, SamPredictor]:
     return generator, SamPredictor(generator.model, processor, device=generator.device)
 
 
-def crop_scale_of(args: AutolabelArguments, predictor: SamPredictor) -> float | None:
+def _crop_scale_of(args: AutolabelArguments, predictor: SamPredictor) -> float | None:
     """The object-crop scale to refine with: `--object_crop_scale`, else the one the model was tuned with."""
     if args.object_crop_scale is not None:
         return args.object_crop_scale or None
@@ -322,7 +322,7 @@ def run_autolabel(args: AutolabelArguments) -> dict[str, Any]:
         inputs = inputs[: args.max_images]
     out = _prepare_output(args, inputs)
     generator, predictor = _mask_generator(args)
-    crop_scale = crop_scale_of(args, predictor)
+    crop_scale = _crop_scale_of(args, predictor)
     folder = args.output_format == "folder"
     if folder:
         for name in _WRITTEN["folder"]:
