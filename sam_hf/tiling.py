@@ -412,6 +412,16 @@ class ObjectCropPredictor(_WindowedPredictor):
         return object_window(extent, self.scale, *self.image.shape[:2])
 
 
+def _mask_boxes(masks: Any) -> np.ndarray:
+    """Inclusive xyxy boxes `(N, 4)` of non-empty `(H, W)` bool masks, one mask at a time: memory stays at one row
+    and one column profile per mask, where a stacked `(N, H, W)` computation would hold several copies of them all."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for k, mask in enumerate(masks):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        boxes[k] = cols[0], rows[0], cols[-1], rows[-1]
+    return boxes
+
+
 def refine_on_object_crops(
     predictor: Any, image: Any, masks: Any, scale: float, nms_thresh: float = 0.7
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -434,16 +444,16 @@ def refine_on_object_crops(
         `(masks, scores)`: `(M, H, W)` bool refined masks and their `(M,)` predicted IoUs, highest first. Proposals
         with the same box are decoded once; refined masks that come back empty are dropped (counted in the log).
     """
-    from torchvision.ops import masks_to_boxes, nms
+    from torchvision.ops import nms
 
     check_crop_scale(scale)
     image = to_rgb_array(image)
     height, width = image.shape[:2]
-    proposals = [torch.as_tensor(np.asarray(m.cpu() if hasattr(m, "cpu") else m, bool)) for m in masks]
+    proposals = [np.asarray(m.cpu() if hasattr(m, "cpu") else m, bool) for m in masks]
     proposals = [m for m in proposals if m.any()]
     if not proposals:
         return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
-    boxes = np.unique(masks_to_boxes(torch.stack(proposals)).numpy(), axis=0)
+    boxes = np.unique(_mask_boxes(proposals), axis=0)
     result = ObjectCropPredictor(predictor, scale)(image, boxes=boxes)
     refined, scores = result.masks[:, 0], result.scores[:, 0].astype(np.float32)
     filled = refined.reshape(len(refined), -1).any(axis=1)
@@ -452,7 +462,7 @@ def refine_on_object_crops(
     refined, scores = refined[filled], scores[filled]
     if not len(refined):
         return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
-    keep = nms(masks_to_boxes(torch.from_numpy(refined)).float(), torch.from_numpy(scores), nms_thresh).numpy()
+    keep = nms(torch.from_numpy(_mask_boxes(refined)), torch.from_numpy(scores), nms_thresh).numpy()
     logger.debug(
         "Object-crop refinement: %d proposals, %d distinct boxes, %d masks kept.",
         len(proposals),
