@@ -202,6 +202,18 @@ def test_mask_input_refines_an_earlier_mask(tiny_model_dir, image_files, tmp_pat
                                         mask_input=str(previous), output_dir=str(tmp_path / "x")))  # fmt: skip
 
 
+def _decoded_on_window(model_dir, image, y0, x0, side, local_box):
+    """The library's mask for `local_box` decoded on the square window at (y0, x0), pasted into the full image."""
+    crop = SamPredictor.from_pretrained(str(model_dir))(image[y0 : y0 + side, x0 : x0 + side], boxes=[local_box])
+    full = np.zeros(image.shape[:2], bool)
+    full[y0 : y0 + side, x0 : x0 + side] = crop.masks[0, 0]
+    return full
+
+
+def _written_mask(out_dir, image_file):
+    return np.asarray(Image.open(out_dir / image_file.stem / "mask_000.png")) > 0
+
+
 def test_tiled_prediction_from_the_command_line(tiny_model_dir, image_files, tmp_path):
     """With --tile_size, a box is decoded on the 128-px tile holding it: the same mask as the library on that crop."""
     args = PredictArguments(model=str(tiny_model_dir), images=str(image_files[0]), boxes="140,150,180,190",
@@ -210,12 +222,8 @@ def test_tiled_prediction_from_the_command_line(tiny_model_dir, image_files, tmp
     image = np.asarray(Image.open(image_files[0]).convert("RGB"))
     # 256 px: tiles start at 0, 96 and 128 on each axis. The box (x 140..180, y 150..190) has a margin of 33 px in
     # the tile at (96, 96) (223 - 190) and of 12 px in the tile at (128, 128) (140 - 128): it is decoded on the first.
-    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
-    crop = predictor(image[96:224, 96:224], boxes=[[44.0, 54.0, 84.0, 94.0]])
-    expected = np.zeros(image.shape[:2], bool)
-    expected[96:224, 96:224] = crop.masks[0, 0]
-    written = np.asarray(Image.open(tmp_path / image_files[0].stem / "mask_000.png")) > 0
-    np.testing.assert_array_equal(written, expected)
+    expected = _decoded_on_window(tiny_model_dir, image, 96, 96, 128, [44.0, 54.0, 84.0, 94.0])
+    np.testing.assert_array_equal(_written_mask(tmp_path, image_files[0]), expected)
 
 
 def test_object_crop_prediction_from_the_command_line(tiny_model_dir, image_files, tmp_path):
@@ -225,12 +233,8 @@ def test_object_crop_prediction_from_the_command_line(tiny_model_dir, image_file
     run_prediction(args)
     image = np.asarray(Image.open(image_files[0]).convert("RGB"))
     # The 20 x 20 box centred on (150, 160): a 60-px crop from x = 120 and y = 130.
-    predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
-    crop = predictor(image[130:190, 120:180], boxes=[[20.0, 20.0, 39.0, 39.0]])
-    expected = np.zeros(image.shape[:2], bool)
-    expected[130:190, 120:180] = crop.masks[0, 0]
-    written = np.asarray(Image.open(tmp_path / image_files[0].stem / "mask_000.png")) > 0
+    expected = _decoded_on_window(tiny_model_dir, image, 130, 120, 60, [20.0, 20.0, 39.0, 39.0])
     assert expected.any() and not expected[:130].any()
-    np.testing.assert_array_equal(written, expected)
+    np.testing.assert_array_equal(_written_mask(tmp_path, image_files[0]), expected)
     with pytest.raises(ValueError, match="choose one"):
         PredictArguments(model="m", images="i", boxes="1,1,5,5", object_crop_scale=3, tile_size=128)

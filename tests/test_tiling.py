@@ -113,17 +113,21 @@ class _BoxFilling:
         return SamPrediction(masks, np.ones((len(boxes), 1)), np.zeros((len(boxes), 1, 4, 4)))
 
 
+def _assert_boxes_filled(result, boxes, shape):
+    """Each mask of a `_BoxFilling` prediction is its box, pasted back at the full image's size."""
+    assert result.masks.shape == (len(boxes), 1, *shape)
+    for mask, (x0, y0, x1, y1) in zip(result.masks[:, 0], boxes):
+        expected = np.zeros(shape, bool)
+        expected[y0 : y1 + 1, x0 : x1 + 1] = True
+        np.testing.assert_array_equal(mask, expected)
+
+
 def test_tiled_prediction_pastes_each_mask_back():
     image = np.zeros((200, 300, 3), np.uint8)
     tiled = TiledPredictor(_BoxFilling(), tile_size=128, tile_overlap=32)
     tiled.set_image(image)
     boxes = [[10, 10, 40, 40], [150, 100, 200, 150], [120, 60, 135, 70], [0, 0, 250, 190]]
-    result = tiled.predict(boxes=boxes)
-    assert result.masks.shape == (4, 1, 200, 300)
-    for mask, (x0, y0, x1, y1) in zip(result.masks[:, 0], boxes):
-        expected = np.zeros((200, 300), bool)
-        expected[y0 : y1 + 1, x0 : x1 + 1] = True
-        np.testing.assert_array_equal(mask, expected)
+    _assert_boxes_filled(tiled.predict(boxes=boxes), boxes, (200, 300))
     # Box 3 straddles x = 128: the tile starting at x = 96 holds it with the widest margin.
     assert tiled.choose_tile(np.array([120, 60, 135, 70])) == (0, 96)
     # The last box fits in no tile: decoded on the whole image.
@@ -182,12 +186,7 @@ def test_object_crop_prediction_pastes_each_mask_back():
     cropping = ObjectCropPredictor(_BoxFilling(), scale=4)
     cropping.set_image(image)
     boxes = [[10, 10, 19, 19], [150, 100, 199, 149], [290, 190, 299, 199]]
-    result = cropping.predict(boxes=boxes)
-    assert result.masks.shape == (3, 1, 200, 300)
-    for mask, (x0, y0, x1, y1) in zip(result.masks[:, 0], boxes):
-        expected = np.zeros((200, 300), bool)
-        expected[y0 : y1 + 1, x0 : x1 + 1] = True
-        np.testing.assert_array_equal(mask, expected)
+    _assert_boxes_filled(cropping.predict(boxes=boxes), boxes, (200, 300))
     # Each box was decoded on its own crop: 40 px, 200 px (the image's height), 40 px against the far corner.
     assert cropping.predictor.encoded == [(40, 40), (200, 200), (40, 40)]
     with pytest.raises(ValueError, match="mask_input is not supported with object crops"):
