@@ -650,6 +650,11 @@ def to_markdown(summary: dict[str, Any]) -> str:
 
 def load_split(data_args: DataArguments, split: str, seed: int, cache_dir: str | None, token: str | None):
     """The indexed split `train.py` would train (`"train"`) or evaluate (`"eval"`) on."""
+    return prepare_split(_source_split(data_args, split, seed, cache_dir, token), data_args, split)
+
+
+def _source_split(data_args: DataArguments, split: str, seed: int, cache_dir: str | None, token: str | None):
+    """The split's rows as the source holds them: whole images, before any cut to tiles or crops."""
     source = load_source(
         data_args.dataset_name, data_args.dataset_config_name, data_args.image_column, data_args.mask_column,
         cache_dir, token,
@@ -662,7 +667,7 @@ def load_split(data_args: DataArguments, split: str, seed: int, cache_dir: str |
         raise ValueError(
             f"--dataset_name {data_args.dataset_name!r} has no eval split and --validation_split_percentage is 0."
         )
-    return prepare_split(ds, data_args, split)
+    return ds
 
 
 def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> dict[str, Any]:
@@ -677,7 +682,8 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
         )
         for name, path in models.items()
     }
-    dataset = load_split(data_args, eval_args.split, eval_args.seed, eval_args.cache_dir, eval_args.token)
+    rows = _source_split(data_args, eval_args.split, eval_args.seed, eval_args.cache_dir, eval_args.token)
+    dataset = prepare_split(rows, data_args, eval_args.split)
     result = evaluate_models(
         predictors,
         dataset,
@@ -699,13 +705,7 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
         if data_args.object_crop_scale:
             # An object-crop row labels one object: the pipeline is scored on the whole images, and each generated
             # mask is decoded again on its own crop (refine_on_object_crops), as the boxes above were.
-            whole = load_split(
-                replace(data_args, object_crop_scale=None),
-                eval_args.split,
-                eval_args.seed,
-                eval_args.cache_dir,
-                eval_args.token,
-            )
+            whole = prepare_split(rows, replace(data_args, object_crop_scale=None), eval_args.split)
         summary["automatic"] = evaluate_automatic(
             predictors,
             whole,
