@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, to_rgb_array
 from .inference import SamPredictor
-from .tiling import refine_on_object_crops
+from .tiling import check_crop_scale, refine_on_object_crops
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ class AutolabelArguments:
         for name in ("crops_n_layers", "min_area", "contact_sheet_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if self.object_crop_scale is not None and self.object_crop_scale != 0 and not self.object_crop_scale >= 1:
-            raise ValueError(f"--object_crop_scale must be >= 1 (or 0: off), got {self.object_crop_scale}.")
+        if self.object_crop_scale is not None:
+            check_crop_scale(self.object_crop_scale, off=True)
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"--max_images must be >= 1, got {self.max_images}.")
 

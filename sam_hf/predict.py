@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .data import IMAGE_EXTENSIONS, to_rgb_array
 from .inference import PromptError, SamPredictor, label_image
 from .text_prompts import DEFAULT_TEXT_MODEL
+from .tiling import check_crop_scale
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ class PredictArguments:
             raise ValueError(
                 f"--text finds its boxes on the whole image: drop {' and '.join(windows + ['--mask_input'])}."
             )
-        if self.object_crop_scale is not None and not self.object_crop_scale >= 1:
-            raise ValueError(f"--object_crop_scale must be >= 1, got {self.object_crop_scale}.")
+        if self.object_crop_scale is not None:
+            check_crop_scale(self.object_crop_scale)
         if self.tile_size is not None and not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"Expected 0 <= --tile_overlap < --tile_size, got {self.tile_overlap}, {self.tile_size}.")
 

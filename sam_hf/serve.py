@@ -56,7 +56,7 @@ from starlette.datastructures import FormData, UploadFile
 from .data import to_rgb_array
 from .inference import SamPredictor, validate_prompts
 from .text_prompts import DEFAULT_TEXT_MODEL, check_text
-from .tiling import ObjectCropPredictor, refine_on_object_crops
+from .tiling import ObjectCropPredictor, check_crop_scale, refine_on_object_crops
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +133,8 @@ class ServeSettings:
     object_crop_scale: float | None = None
 
     def __post_init__(self) -> None:
-        scale = self.object_crop_scale
-        if scale is not None and (isinstance(scale, bool) or not (scale == 0 or scale >= 1)):
-            raise ValueError(f"ServeSettings.object_crop_scale must be >= 1 (or 0: off), got {scale!r}.")
+        if self.object_crop_scale is not None:
+            check_crop_scale(self.object_crop_scale, "ServeSettings.object_crop_scale", off=True)
         for name in _INTEGER_LIMITS:
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():  # e.g. max_image_pixels=40e6

@@ -125,10 +125,12 @@ def _cut_rows(
     )
 
 
-def check_crop_scale(scale: float) -> None:
-    """Refuse an object-crop scale below 1, whose crops would not hold their boxes."""
-    if not scale >= 1:
-        raise ValueError(f"--object_crop_scale must be >= 1 so that each crop holds its object, got {scale}.")
+def check_crop_scale(scale: float, name: str = "--object_crop_scale", off: bool = False) -> None:
+    """Refuse an object-crop scale below 1, whose crops would not hold their boxes; with `off`, 0 (no crops) passes.
+    `name` is the flag or setting the message names."""
+    if isinstance(scale, bool) or not (scale >= 1 or (off and scale == 0)):
+        either = " (or 0: off)" if off else ""
+        raise ValueError(f"{name} must be >= 1{either} so that each crop holds its object, got {scale!r}.")
 
 
 def tile_dataset(

@@ -528,5 +528,5 @@ def test_a_model_tuned_on_object_crops_is_served_on_crops(crop_model_dir, synthe
         assert body["object_crop_scale"] is None
         library.set_image(image)
         np.testing.assert_array_equal(_decode_masks(body), library.predict(boxes=boxes).masks)
-    with pytest.raises(ValueError, match=r"object_crop_scale must be >= 1 \(or 0: off\)"):
+    with pytest.raises(ValueError, match=r"ServeSettings.object_crop_scale must be >= 1 \(or 0: off\)"):
         ServeSettings(object_crop_scale=0.5)
