@@ -76,6 +76,18 @@ class DataArguments:
             "with the same value (scripts/predict.py --object_crop_scale). 6 to 8 suits nuclei."
         },
     )
+    point_crop_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "With --object_crop_scale: also cut one training object in --point_crop_every on a crop this many "
+            "times its box, which only the multimask point pass trains on (no box loss). A scale near that of the "
+            "whole images teaches the point prompts of pipeline('mask-generation') the objects at the size they have "
+            "there, while box prompts stay on --object_crop_scale crops. Evaluation is unchanged. 0 turns it off."
+        },
+    )
+    point_crop_every: int = field(
+        default=4, metadata={"help": "With --point_crop_scale: one object in this many gets a point-prompt crop."}
+    )
     streaming: bool = field(
         default=False,
         metadata={
@@ -117,6 +129,17 @@ class DataArguments:
                 raise ValueError(
                     "--object_crop_scale crops a dataset held on disk into objects; it does not work with --streaming."
                 )
+        if self.point_crop_scale == 0:
+            self.point_crop_scale = None  # 0 turns it off, as for a config file that sets it
+        if self.point_crop_scale is not None:
+            if self.object_crop_scale is None:
+                raise ValueError(
+                    "--point_crop_scale adds point-prompt crops to object crops: it needs --object_crop_scale."
+                )
+            if not self.point_crop_scale >= 1:
+                raise ValueError(f"--point_crop_scale must be >= 1, got {self.point_crop_scale}.")
+        if self.point_crop_every < 1:
+            raise ValueError(f"--point_crop_every must be >= 1, got {self.point_crop_every}.")
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"--mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}.")
         if not 0 <= self.validation_split_percentage < 100:
@@ -174,6 +197,16 @@ class SamArguments:
             "predictions, which pipeline('mask-generation') uses, working while the shared decoder layers tune, for "
             "about 1/N of a decoder pass. 0 turns it off (box prompts only; the multimask outputs are frozen). "
             "--multimask_training prompts every object."
+        },
+    )
+    background_point_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "With the multimask point pass: each training image is also prompted with one point on no object, "
+            "whose three masks learn to be empty (cross-entropy against an empty target) and whose predicted IoUs "
+            "learn 0 (squared, times --iou_loss_weight); this is the weight of that loss, summed over images and "
+            "divided by the box-prompted objects. Automatic mask generation's grid points on background then give no "
+            "confident blobs. 0 turns it off."
         },
     )
     prompt_types: str = field(
@@ -284,6 +317,8 @@ class SamArguments:
             raise ValueError(f"--num_correction_rounds must be >= 0, got {self.num_correction_rounds}.")
         if self.iou_loss_weight < 0:
             raise ValueError(f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}.")
+        if self.background_point_weight < 0:
+            raise ValueError(f"--background_point_weight must be >= 0, got {self.background_point_weight}.")
         if self.box_jitter < 0:
             raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
         if self.max_objects_per_image is not None and self.max_objects_per_image < 1:

@@ -507,7 +507,7 @@ def index_objects(
 def prepare_split(ds: datasets.Dataset | datasets.IterableDataset, data_args: DataArguments, split_name: str):
     """One split as training and evaluation read it: cut to `--max_train_samples` / `--max_eval_samples`, cut into
     tiles with `--tile_size` or object crops with `--object_crop_scale`, then indexed (`index_objects`) with the
-    labels' mask type (`DataArguments.label_mask_type`).
+    labels' mask type (`DataArguments.label_mask_type`). The training split also gets `--point_crop_scale` crops.
 
     A streamed split arrives already cut to size (`streaming_splits`), and tiles and crops are refused with
     `--streaming`; it is only indexed.
@@ -526,7 +526,16 @@ def prepare_split(ds: datasets.Dataset | datasets.IterableDataset, data_args: Da
         elif data_args.object_crop_scale:
             from .tiling import crop_objects
 
-            ds = crop_objects(ds, data_args.object_crop_scale, data_args.mask_type, split_name)
+            # Point-prompt crops are for training only: evaluation scores the box prompts on the crops they use.
+            point_scale = data_args.point_crop_scale if split_name == "train" else None
+            ds = crop_objects(
+                ds,
+                data_args.object_crop_scale,
+                data_args.mask_type,
+                split_name,
+                point_scale=point_scale,
+                point_every=data_args.point_crop_every,
+            )
     return index_objects(ds, data_args.label_mask_type, split_name, data_args.preprocessing_num_workers)
 
 
@@ -663,6 +672,15 @@ class SamTransform:
         point_prompts (`bool`, *optional*, defaults to `False`): also return `input_points` `(K, 1, 2)` (one point
             drawn uniformly from each object's pixels, in the resized frame) and `input_labels` `(K, 1)`, for
             multimask training.
+        background_points (`bool`, *optional*, defaults to `False`): when training with `point_prompts`, also return
+            one point on no object per image, `background_points` `(1, 1, 2)` in the resized frame, with
+            `background_labels` `(1, 1)`: 1, or -10 (SAM's "not a point") for an image without background. It comes
+            from the row's `background_points` column (object crops, whose label holds one object) or else from the
+            pixels outside every object of the label.
+
+    Rows flagged `point_only` (`crop_objects(point_scale=...)`) are for the multimask point pass only: their `labels`
+    are all `-100`, so no box loss and no object count sees them, and their targets go to `point_labels`, which every
+    row of such a dataset carries (the same as `labels` for the other rows), with a `point_only` flag.
 
     When the dataset carries cached `image_embeddings` (see `sam_hf.cache`), they replace `pixel_values` and no image
     is decoded; each row's checksum is verified as it is read (`sam_hf.cache.EmbeddingCacheError` when it fails).
@@ -682,9 +700,11 @@ class SamTransform:
         seed: int | None = None,
         with_instances: bool = False,
         point_prompts: bool = False,
+        background_points: bool = False,
     ):
         self.processor = processor
         self.point_prompts = point_prompts
+        self.background_points = background_points and point_prompts and train
         self.train = train
         self.box_jitter = box_jitter if train else 0.0
         self.max_objects_per_image = max_objects_per_image
@@ -732,6 +752,17 @@ class SamTransform:
             points[k] = (xs[j], ys[j])
         return points
 
+    def sample_background(self, batch: dict[str, list], row: int, instances: np.ndarray, rng: np.random.Generator):
+        """One xy pixel `(1, 2)` on no object, from the row's `background_points` or its label; `None` if none."""
+        if "background_points" in batch:
+            candidates = np.asarray(batch["background_points"][row], np.float64).reshape(-1, 2)
+            return candidates[rng.integers(len(candidates))][None] if len(candidates) else None
+        ys, xs = np.nonzero(instances == 0)
+        if not len(ys):
+            return None
+        j = rng.integers(len(ys))
+        return np.array([[xs[j], ys[j]]], np.float64)
+
     @staticmethod
     def _row_key(batch: dict[str, list], row: int) -> int:
         if "row_index" in batch:
@@ -749,6 +780,11 @@ class SamTransform:
             out["instances"], out["object_ids"] = [], []
         if self.point_prompts:
             out["input_points"], out["input_labels"] = [], []
+        if self.background_points:
+            out["background_points"], out["background_labels"] = [], []
+        point_rows = self.train and "point_only" in batch
+        if point_rows:
+            out["point_only"], out["point_labels"] = [], []
         for row in range(len(batch["boxes"])):
             if cached:
                 # Image side from the embedding cache: no image decoding at all.
@@ -772,8 +808,20 @@ class SamTransform:
                 points = self.sample_points(instances, keep + 1, rng)
                 out["input_points"].append(scale_coords(points, original_size, reshaped_size)[:, None])
                 out["input_labels"].append(torch.ones(len(keep), 1, dtype=torch.long))
+            if self.background_points:
+                where = self.sample_background(batch, row, instances, rng)
+                found = where is not None
+                where = where if found else np.zeros((1, 2))
+                out["background_points"].append(scale_coords(where, original_size, reshaped_size)[None])
+                out["background_labels"].append(torch.tensor([[1 if found else -10]], dtype=torch.long))
             label_shape = self.geometry.label_shape(*instances.shape)
-            out["labels"].append(object_labels(instances, exact, keep + 1, label_shape, self.geometry.mask_side))
+            labels = object_labels(instances, exact, keep + 1, label_shape, self.geometry.mask_side)
+            if point_rows:
+                point_only = bool(batch["point_only"][row])
+                out["point_only"].append(torch.tensor(point_only))
+                out["point_labels"].append(labels)
+                labels = torch.full_like(labels, LABEL_PAD) if point_only else labels
+            out["labels"].append(labels)
             out["original_sizes"].append(torch.tensor(original_size))
             out["reshaped_input_sizes"].append(torch.tensor(reshaped_size))
             if self.with_instances:
@@ -832,12 +880,20 @@ class SamDataCollator:
         if "input_points" in features[0]:
             batch["input_points"] = torch.zeros(len(features), k, 1, 2)
             batch["input_labels"] = torch.ones(len(features), k, 1, dtype=torch.long)
+        if "point_labels" in features[0]:
+            batch["point_labels"] = torch.full((len(features), k, m, m), LABEL_PAD)
+            batch["point_only"] = torch.stack([f["point_only"] for f in features])
+        if "background_points" in features[0]:
+            batch["background_points"] = torch.stack([f["background_points"] for f in features])
+            batch["background_labels"] = torch.stack([f["background_labels"] for f in features])
         for i, f in enumerate(features):
             n = f["input_boxes"].shape[0]
             batch["input_boxes"][i, :n] = f["input_boxes"]
             batch["labels"][i, :n] = f["labels"]
             if "input_points" in f:
                 batch["input_points"][i, :n] = f["input_points"]
+            if "point_labels" in f:
+                batch["point_labels"][i, :n] = f["point_labels"]
         if "instances" in features[0]:
             h = max(f["instances"].shape[0] for f in features)
             w = max(f["instances"].shape[1] for f in features)

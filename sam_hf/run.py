@@ -168,6 +168,11 @@ def prompt_recipe(data_args: DataArguments, sam_args: SamArguments) -> str:
             f"its box: predict the same way (`scripts/predict.py --object_crop_scale {data_args.object_crop_scale:g}`,"
             " `sam_hf.tiling.ObjectCropPredictor`)."
         )
+        if data_args.point_crop_scale:
+            text += (
+                f" One object in {data_args.point_crop_every} was also cut on a crop of "
+                f"{data_args.point_crop_scale:g} times its box, for the point prompts only."
+            )
     elif data_args.tile_size:
         text += f" Images were cut into {data_args.tile_size}-px tiles (overlap {data_args.tile_overlap} px)."
     return text + interactive_recipe(sam_args)
@@ -192,6 +197,11 @@ def loss_description(sam_args: SamArguments) -> str:
             f"DiceCE and an IoU-prediction MSE (weight {sam_args.iou_loss_weight:g}) over the three candidates"
             + ("" if every == 1 else ", summed over those objects and divided by the number of box-prompted objects")
         )
+        if sam_args.background_point_weight:
+            text += (
+                f"; plus (weight {sam_args.background_point_weight:g}) one point per image on no object, its three "
+                "masks against an empty target (cross-entropy) and their predicted IoUs against 0"
+            )
     return text + "."
 
 
@@ -258,7 +268,7 @@ def write_figures(
 
 
 # DataArguments that do not change which images are evaluated, left out of the suggested evaluate.py command.
-_NOT_FOR_EVALUATION = {"max_train_samples", "preprocessing_num_workers"}
+_NOT_FOR_EVALUATION = {"max_train_samples", "preprocessing_num_workers", "point_crop_scale", "point_crop_every"}
 
 
 def evaluate_command(model_name_or_path: str, output_dir: str, data_args: DataArguments, seed: int) -> str:
@@ -502,6 +512,10 @@ def run_training(
         del model.config.object_crop_scale
     freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
     multimask_every = multimask_stride(sam_args)
+    if data_args.point_crop_scale and not multimask_every:
+        raise ValueError(
+            "--point_crop_scale cuts crops for the multimask point pass, which --multimask_every 0 turns off."
+        )
     if not multimask_every:
         # Box-only single-mask training never reaches the multimask outputs, nor the IoU head without its loss.
         freeze_unused_decoder_outputs(model, train_iou_head=sam_args.iou_loss_weight > 0)
@@ -572,6 +586,7 @@ def run_training(
         mask_type=data_args.label_mask_type,
         seed=training_args.seed,
         point_prompts=bool(multimask_every) or "point" in sam_args.prompt_types,
+        background_points=bool(multimask_every) and sam_args.background_point_weight > 0,
     )
     if isinstance(train_ds, datasets.IterableDataset):
         # Rows are transformed as they stream in (in the dataloader workers), batched like with_transform.
@@ -632,6 +647,7 @@ def run_training(
         card_info=card_info,
         iou_loss_weight=sam_args.iou_loss_weight,
         multimask_every=multimask_every,
+        background_point_weight=sam_args.background_point_weight,
         lora_merge=sam_args.lora_merge,
         prompt_types=parse_prompt_types(sam_args.prompt_types),
         num_correction_rounds=sam_args.num_correction_rounds,

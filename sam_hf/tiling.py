@@ -25,6 +25,7 @@ way; each crop is encoded once per prompt.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -209,42 +210,97 @@ def object_window(box: Any, scale: float, height: int, width: int) -> tuple[int,
 
 
 def crop_objects(
-    ds: datasets.Dataset, scale: float, mask_type: str = "auto", split_name: str = "train"
+    ds: datasets.Dataset,
+    scale: float,
+    mask_type: str = "auto",
+    split_name: str = "train",
+    point_scale: float | None = None,
+    point_every: int = 4,
 ) -> datasets.Dataset:
     """One row per object: its `object_window` crop of the image, and a label that holds only that object.
+
+    The label of a crop says nothing of the other objects in its window, so each row also lists up to
+    `NUM_BACKGROUND_POINTS` pixels of the window that belong to no object at all (`background_points`, xy in the
+    crop), for the background prompts of training (`SamTransform(background_points=True)`).
+
+    With `point_scale`, every `point_every`-th object of each image (in a fixed, name-keyed order) also gets a second
+    row: its crop at `point_scale`, flagged `point_only`, which only the multimask point pass of `SamTrainer` trains
+    on. A larger scale shows the point prompts objects at about the size they have on whole images, where automatic
+    mask generation prompts them, while the box prompts stay at `scale`.
 
     Args:
         ds (`datasets.Dataset`): rows with `image` and `label` (and optionally `file_name`).
         scale (`float`): side of each crop, as a multiple of the longer side of the object's box (at least 1).
         mask_type (`str`, *optional*, defaults to `"auto"`): how the labels become objects (`mask_to_instances`).
         split_name (`str`): for logs and errors.
+        point_scale (`float`, *optional*): scale of the extra point-prompt rows; none without it.
+        point_every (`int`, *optional*, defaults to 4): with `point_scale`, one object in this many gets such a row.
 
     Returns:
         A dataset with `image` (the crop), `label` (uint16, 1 on the object, 0 elsewhere, the other objects of the
-        crop included), `file_name` (`<name>#<object id>`) and `source_file_name` (`<name>`).
+        crop included), `file_name` (`<name>#<object id>`, `<name>#<object id>@<point_scale>` for point rows),
+        `source_file_name` (`<name>`), `background_points`, and with `point_scale` the `point_only` flag.
     """
     check_crop_scale(scale)
+    if point_scale is not None:
+        check_crop_scale(point_scale, name="--point_crop_scale")
+        if point_every < 1:
+            raise ValueError(f"--point_crop_every must be >= 1, got {point_every}.")
+    scales = [(scale, False)] + ([(point_scale, True)] if point_scale is not None else [])
 
     def cut(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"image": [], "label": [], "file_name": [], "source_file_name": []}
+        columns = ["image", "label", "file_name", "source_file_name", "background_points"]
+        out: dict[str, list] = {c: [] for c in columns + (["point_only"] if point_scale is not None else [])}
         for name, image, instances in _rows(batch, indices, mask_type, split_name):
+            offset = zlib.crc32(name.encode())
             for k, box in enumerate(boxes_from_instances(instances), start=1):
-                y0, x0, y1, x1 = object_window(box, scale, *instances.shape)
-                out["image"].append(Image.fromarray(image[y0:y1, x0:x1]))
-                out["label"].append(Image.fromarray((instances[y0:y1, x0:x1] == k).astype(np.uint16)))
-                out["file_name"].append(f"{name}#{k}")
-                out["source_file_name"].append(name)
+                for s, point_only in scales:
+                    if point_only and (k + offset) % point_every:
+                        continue
+                    y0, x0, y1, x1 = object_window(box, s, *instances.shape)
+                    window = instances[y0:y1, x0:x1]
+                    out["image"].append(Image.fromarray(image[y0:y1, x0:x1]))
+                    out["label"].append(Image.fromarray((window == k).astype(np.uint16)))
+                    out["file_name"].append(f"{name}#{k}@{s:g}" if point_only else f"{name}#{k}")
+                    out["source_file_name"].append(name)
+                    out["background_points"].append(_background_sample(window, [offset, k, int(point_only)]))
+                    if point_scale is not None:
+                        out["point_only"].append(point_only)
         return out
 
-    cropped = _cut_rows(ds, cut, {}, f"Cropping objects ({split_name})")
+    extra = {"background_points": datasets.List(datasets.List(datasets.Value("int32"), length=2))}
+    if point_scale is not None:
+        extra["point_only"] = datasets.Value("bool")
+    cropped = _cut_rows(ds, cut, extra, f"Cropping objects ({split_name})")
     logger.info(
         "Split %r: %d images -> %d object crops, each %g x the longer side of its object's box",
         split_name,
         len(ds),
-        len(cropped),
+        len(cropped) - (sum(cropped["point_only"]) if point_scale is not None else 0),
         scale,
     )
+    if point_scale is not None:
+        logger.info(
+            "Split %r: %d more crops of %g x for the point prompts (one object in %d)",
+            split_name,
+            sum(cropped["point_only"]),
+            point_scale,
+            point_every,
+        )
     return cropped
+
+
+#: Background pixels kept per object crop, for background point prompts.
+NUM_BACKGROUND_POINTS = 16
+
+
+def _background_sample(window: np.ndarray, key: list[int]) -> list[list[int]]:
+    """Up to `NUM_BACKGROUND_POINTS` distinct xy pixels of `window` (an instance map) outside every object, drawn
+    with a generator keyed by `key`; empty when every pixel belongs to an object."""
+    ys, xs = np.nonzero(window == 0)
+    rng = np.random.default_rng(key)
+    picked = rng.choice(len(ys), size=min(NUM_BACKGROUND_POINTS, len(ys)), replace=False)
+    return [[int(xs[j]), int(ys[j])] for j in picked]
 
 
 class _WindowedPredictor:

@@ -8,9 +8,11 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from .data import LABEL_PAD
 from .family import as_levels, family_of
 from .interactive import correction_clicks, parse_prompt_types
 from .loss import SamDiceCELoss, iou_prediction_loss, multimask_loss
@@ -82,6 +84,10 @@ class SamTrainer(Trainer):
     the IoU-prediction loss (`sam_hf.loss.multimask_loss`) summed over those objects and divided by the box-prompted
     objects. All four mask tokens and the IoU head then learn, so `pipeline("mask-generation")` keeps working (and
     benefits) after tuning. `train.py` uses `multimask_every=8` by default and 1 with `--multimask_training`.
+    Rows flagged `point_only` (`--point_crop_scale`) are point-prompted at every step and take no box loss. When
+    batches also carry `background_points` (`SamTransform(background_points=True)`), a third call prompts one point
+    on no object per image, whose masks learn to be empty and whose predicted IoUs 0 (`background_loss`, weighted by
+    `background_point_weight`).
 
     Hub token: a `--hub_token` is moved to the `HF_TOKEN` environment variable of this process before the Trainer
     starts, so that it is never pickled into `training_args.bin` (which `push_to_hub` uploads).
@@ -104,6 +110,8 @@ class SamTrainer(Trainer):
             head (`freeze_unused_decoder_outputs(model, train_iou_head=False)`).
         multimask_every (`int`, *optional*, defaults to 1): with point prompts, point-prompt every this many objects
             of each image in the multimask pass (1: all of them, `--multimask_training`).
+        background_point_weight (`float`, *optional*, defaults to 0.1): weight of the background-point loss, when
+            batches carry background points; 0 skips that decoder call.
         **kwargs: all other arguments are those of `transformers.Trainer`.
     """
 
@@ -117,6 +125,7 @@ class SamTrainer(Trainer):
         card_info: dict | None = None,
         iou_loss_weight: float = 1.0,
         multimask_every: int = 1,
+        background_point_weight: float = 0.1,
         lora_merge: bool = True,
         prompt_types: tuple[str, ...] = ("box",),
         num_correction_rounds: int = 0,
@@ -143,6 +152,9 @@ class SamTrainer(Trainer):
         if multimask_every < 0:
             raise ValueError(f"multimask_every must be >= 0 (0: no multimask pass), got {multimask_every}.")
         self.multimask_every = multimask_every
+        if background_point_weight < 0:
+            raise ValueError(f"background_point_weight must be >= 0, got {background_point_weight}.")
+        self.background_point_weight = background_point_weight
         self.prompt_types = parse_prompt_types(prompt_types)
         if num_correction_rounds < 0:
             raise ValueError(f"num_correction_rounds must be >= 0, got {num_correction_rounds}.")
@@ -215,30 +227,14 @@ class SamTrainer(Trainer):
             # outputs: teach it that mask's actual IoU, so that `iou_scores` rank masks by quality.
             loss = loss + self.iou_loss_weight * iou_prediction_loss(logits, outputs.iou_scores[:, :, 0], labels)
         if multimask:
-            # Every `multimask_every`-th object of each image, starting at an offset that cycles with the step, so
-            # that every object takes its turn; 1 prompts them all.
-            every = self.multimask_every
-            start = self.state.global_step % every
-            if start < labels.shape[1]:
-                chosen, point_labels = slice(start, None, every), labels[:, start::every]
-            else:
-                # No object of this micro-batch has its turn: decode one prompt whose loss is 0, so that every
-                # process still reaches the same parameters (DistributedDataParallel waits for their gradients).
-                chosen, point_labels = slice(0, 1), torch.full_like(labels[:, :1], -100)
-            point_outputs = model(
-                **(self.family.decoder_inputs(reused) if reused is not None else self._image_inputs(inputs)),
-                input_points=inputs["input_points"][:, chosen],
-                input_labels=inputs["input_labels"][:, chosen],
-                multimask_output=True,
-                **self.family.forward_kwargs,
-            )
-            mask_sum, iou_sum, _ = multimask_loss(
-                self.loss_fn, point_outputs.pred_masks, point_outputs.iou_scores, point_labels, reduction="sum"
-            )
+            mask_sum, iou_sum = self.point_pass_loss(model, inputs, reused, labels)
             # A sum over the chosen objects per box-prompted object: the scaling below turns it into a sum over the
             # chosen objects divided by the objects of the whole accumulation window, which gradient accumulation
             # does not change. With every object chosen, it is the mean best-of-3 and IoU loss.
             loss = loss + (mask_sum + self.iou_loss_weight * iou_sum) / max(n_objects, 1)
+            if self.background_point_weight and "background_points" in inputs:
+                background = self.background_loss(model, inputs, reused)
+                loss = loss + self.background_point_weight * background / max(n_objects, 1)
         if rounds:
             loss = loss + self.correction_loss(model, inputs, reused, logits, labels, kind, rounds)
         if model.training and not torch.isfinite(loss):
@@ -253,6 +249,57 @@ class SamTrainer(Trainer):
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _decode_points(self, model, inputs, reused, points: torch.Tensor, point_labels: torch.Tensor):
+        """A multimask decoder call on the image features of this batch with the given point prompts."""
+        return model(
+            **(self.family.decoder_inputs(reused) if reused is not None else self._image_inputs(inputs)),
+            input_points=points,
+            input_labels=point_labels,
+            multimask_output=True,
+            **self.family.forward_kwargs,
+        )
+
+    def point_pass_loss(self, model, inputs, reused, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed best-of-3 mask loss and IoU loss of the multimask point pass (`sam_hf.loss.multimask_loss`).
+
+        Every `multimask_every`-th object of each image is point-prompted, starting at an offset that cycles with the
+        step, so that every object takes its turn (1 prompts them all). Rows flagged `point_only` (crops cut for the
+        point prompts, `--point_crop_scale`) have all their objects prompted, against their `point_labels`.
+        """
+        every = self.multimask_every
+        start = self.state.global_step % every
+        if "point_only" in inputs:
+            # The whole batch is decoded: rows for the point pass are prompted every step, the others in turn.
+            turn = torch.zeros(labels.shape[1], dtype=torch.bool, device=labels.device)
+            turn[start::every] = True
+            chosen = turn[None, :] | inputs["point_only"][:, None]
+            targets = torch.where(inputs["point_only"][:, None, None, None], inputs["point_labels"], labels)
+            points, point_labels = slice(None), targets.masked_fill(~chosen[:, :, None, None], LABEL_PAD)
+        elif start < labels.shape[1]:
+            points, point_labels = slice(start, None, every), labels[:, start::every]
+        else:
+            # No object of this micro-batch has its turn: decode one prompt whose loss is 0, so that every process
+            # still reaches the same parameters (DistributedDataParallel waits for their gradients).
+            points, point_labels = slice(0, 1), torch.full_like(labels[:, :1], LABEL_PAD)
+        outputs = self._decode_points(
+            model, inputs, reused, inputs["input_points"][:, points], inputs["input_labels"][:, points]
+        )
+        mask_sum, iou_sum, _ = multimask_loss(
+            self.loss_fn, outputs.pred_masks, outputs.iou_scores, point_labels, reduction="sum"
+        )
+        return mask_sum, iou_sum
+
+    def background_loss(self, model, inputs, reused) -> torch.Tensor:
+        """Summed over the images with background: each image's point on no object (`background_points`) decoded
+        with `multimask_output=True`, and the mean over the three candidates of the cross-entropy of their logits
+        against an empty mask plus `iou_loss_weight` times their squared predicted IoU (the target being 0: the
+        point selects no object)."""
+        outputs = self._decode_points(model, inputs, reused, inputs["background_points"], inputs["background_labels"])
+        logits, scores = outputs.pred_masks[:, 0].float(), outputs.iou_scores[:, 0].float()  # (B, 3, m, m), (B, 3)
+        empty = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none").mean((-2, -1))
+        per_image = (empty + self.iou_loss_weight * scores**2).mean(dim=1)
+        return (per_image * (inputs["background_labels"][:, 0, 0] == 1)).sum()
 
     def correction_loss(
         self,

@@ -310,6 +310,73 @@ def test_point_prompts_lie_inside_their_objects(nuclei_dir, tiny_model_dir):
     assert collated["input_points"].shape == (2, 5, 1, 2) and collated["input_labels"].shape == (2, 5, 1)
 
 
+def test_background_points_and_point_only_rows(nuclei_dir, tiny_model_dir):
+    from transformers import SamProcessor
+
+    from sam_hf.data import SamDataCollator
+    from sam_hf.tiling import crop_objects
+
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    source = load_source(str(nuclei_dir))["train"].select(range(2))
+
+    def to_pixels(batch, row, xy):
+        h, w = (int(v) for v in batch["original_sizes"][row])
+        rh, rw = (int(v) for v in batch["reshaped_input_sizes"][row])
+        return xy * np.array([w / rw, h / rh])
+
+    # Whole images: the point comes from the pixels of no object in the label.
+    ds = index_objects(source)
+    transform = SamTransform(processor, train=True, point_prompts=True, background_points=True, seed=1)
+    batch = transform(ds[:2])
+    for row in range(2):
+        inst = mask_to_instances(ds[row]["label"])
+        x, y = np.round(to_pixels(batch, row, batch["background_points"][row][0, 0].numpy())).astype(int)
+        assert inst[y, x] == 0 and batch["background_labels"][row].tolist() == [[1]]
+    assert "point_only" not in batch and "point_labels" not in batch
+    # Not asked for, or not training: no background point.
+    assert "background_points" not in SamTransform(processor, train=True, point_prompts=True)(ds[:1])
+    assert "background_points" not in SamTransform(processor, train=False, background_points=True)(ds[:1])
+
+    # Object crops: the point is one of the row's listed background pixels; point-only rows have no box target.
+    crops = index_objects(crop_objects(source, 6, point_scale=12, point_every=3), "instance")
+    rows = crops[:]
+    batch = SamTransform(
+        processor, train=True, point_prompts=True, background_points=True, mask_type="instance", seed=1
+    )(rows)
+    exact = SamTransform(processor, train=False, mask_type="instance")(rows)
+    assert any(rows["point_only"]) and not all(rows["point_only"])
+    for row, point_only in enumerate(rows["point_only"]):
+        xy = to_pixels(batch, row, batch["background_points"][row][0, 0].numpy())
+        assert any(np.allclose(xy, p, atol=1e-3) for p in rows["background_points"][row])
+        assert batch["point_only"][row].item() == point_only
+        torch.testing.assert_close(batch["point_labels"][row], exact["labels"][row])
+        if point_only:
+            assert (batch["labels"][row] == -100).all()
+        else:
+            torch.testing.assert_close(batch["labels"][row], exact["labels"][row])
+    collated = SamDataCollator()([{k: v[i] for k, v in batch.items()} for i in range(len(rows["point_only"]))])
+    n = len(rows["point_only"])
+    assert collated["background_points"].shape == (n, 1, 1, 2) and collated["background_labels"].shape == (n, 1, 1)
+    assert collated["point_only"].tolist() == rows["point_only"]
+    torch.testing.assert_close(collated["point_labels"][:, :1], torch.stack(exact["labels"]))
+
+
+def test_an_image_without_background_gets_no_background_point(tiny_model_dir):
+    from transformers import SamProcessor
+
+    inst = np.ones((12, 12), np.uint16)
+    inst[:, 6:] = 2
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(np.zeros((12, 12, 3), np.uint8))], "label": [Image.fromarray(inst)]}
+    )
+    ds = index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()), "instance")
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    batch = SamTransform(processor, train=True, point_prompts=True, background_points=True, mask_type="instance")(
+        ds[:1]
+    )
+    assert batch["background_labels"][0].tolist() == [[-10]]
+
+
 @pytest.mark.parametrize("shape", [(256, 256), (383, 512), (512, 243), (40, 30), (7, 300), (64, 64)])
 def test_object_labels_equal_full_frame_resize(shape):
     from scipy import ndimage

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sam_hf.config import DataArguments
+from sam_hf.data import boxes_from_instances
 from sam_hf.inference import SamPrediction
 from sam_hf.tiling import (
     ObjectCropPredictor,
@@ -170,6 +171,33 @@ def test_crop_objects_gives_each_object_whole_in_its_own_crop(caplog):
         crop_objects(source, 0.5)
 
 
+def test_crop_objects_background_points_and_point_prompt_rows():
+    source = _dataset()
+    instances = np.asarray(source["label"][0])
+    crops = crop_objects(source, 3, mask_type="instance", point_scale=5, point_every=1)
+    # Every object once at scale 3 for boxes, and once at scale 5 for point prompts only.
+    names = [f"big.png#{k}" for k in range(1, 6)] + [f"big.png#{k}@5" for k in range(1, 6)]
+    assert sorted(crops["file_name"]) == sorted(names)
+    assert sum(crops["point_only"]) == 5
+    boxes = {k: boxes_from_instances(instances)[k - 1] for k in range(1, 6)}
+    for row in crops:
+        k = int(row["file_name"].split("#")[1].split("@")[0])
+        y0, x0, y1, x1 = object_window(boxes[k], 5 if row["point_only"] else 3, *instances.shape)
+        assert np.asarray(row["label"]).shape == (y1 - y0, x1 - x0)
+        points = np.asarray(row["background_points"]).reshape(-1, 2)
+        free = int((instances[y0:y1, x0:x1] == 0).sum())
+        # Up to 16 distinct pixels of the window that hold no object at all (not only not this row's object).
+        assert len(points) == min(16, free) and len({tuple(p) for p in points}) == len(points)
+        assert all(instances[y0 + y, x0 + x] == 0 for x, y in points)
+    # One object in two: 2 or 3 of the 5, at the point scale.
+    halves = crop_objects(source, 3, mask_type="instance", point_scale=5, point_every=2)
+    assert sum(halves["point_only"]) in (2, 3) and len(halves) == 5 + sum(halves["point_only"])
+    # Without a point scale there is no point_only column, and the crops are those of scale 3 alone.
+    assert "point_only" not in crop_objects(source, 3, mask_type="instance").column_names
+    with pytest.raises(ValueError, match="point_crop_every must be >= 1"):
+        crop_objects(source, 3, point_scale=5, point_every=0)
+
+
 def test_object_crop_arguments_are_checked():
     assert DataArguments(dataset_name="d", object_crop_scale=6).label_mask_type == "instance"
     assert DataArguments(dataset_name="d", object_crop_scale=6).eval_unit == "object crops"
@@ -179,6 +207,11 @@ def test_object_crop_arguments_are_checked():
         DataArguments(dataset_name="d", object_crop_scale=0.5)
     with pytest.raises(ValueError, match="does not work with --streaming"):
         DataArguments(dataset_name="d", object_crop_scale=6, streaming=True, max_eval_samples=1)
+    with pytest.raises(ValueError, match="needs --object_crop_scale"):
+        DataArguments(dataset_name="d", point_crop_scale=20)
+    assert DataArguments(dataset_name="d", object_crop_scale=6, point_crop_scale=0).point_crop_scale is None
+    with pytest.raises(ValueError, match="point_crop_every must be >= 1"):
+        DataArguments(dataset_name="d", object_crop_scale=6, point_crop_scale=20, point_crop_every=0)
 
 
 def test_object_crop_prediction_pastes_each_mask_back():

@@ -413,3 +413,69 @@ def test_learning_encoder_runs_once_for_both_decoder_calls(tiny_model_dir, tmp_p
     assert shared.keys() == reference.keys() and shared
     for name in reference:
         torch.testing.assert_close(shared[name], reference[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _point_batch(model_dir, background: bool):
+    processor = SamProcessor.from_pretrained(model_dir)
+    transform = SamTransform(processor, train=True, point_prompts=True, background_points=background, seed=0)
+    data = _two_image_dataset().with_transform(transform)
+    return processor, SamDataCollator()([data[0], data[1]])
+
+
+def test_background_point_loss_matches_a_hand_computation(tiny_model_dir):
+    """The background term: per image, the mean over the three candidates of the mean softplus of their logits (the
+    cross-entropy against an empty mask) plus their squared predicted IoU, summed and divided by the objects."""
+    model = SamModel.from_pretrained(tiny_model_dir)
+    freeze_modules(model)
+    processor, batch = _point_batch(tiny_model_dir, background=True)
+    assert batch["background_labels"].tolist() == [[[1]], [[1]]]
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+
+    def loss(weight):
+        trainer = SamTrainer(
+            model=model, args=args, processing_class=processor.image_processor, background_point_weight=weight
+        )
+        return trainer.compute_loss(model, batch)
+
+    model.train()
+    with torch.no_grad():
+        out = model(
+            pixel_values=batch["pixel_values"],
+            input_points=batch["background_points"],
+            input_labels=torch.ones(2, 1, 1, dtype=torch.long),
+            multimask_output=True,
+        )
+        logits, scores = out.pred_masks[:, 0], out.iou_scores[:, 0]
+        hand = (torch.nn.functional.softplus(logits).mean((-2, -1)) + scores**2).mean(1).sum() / 4  # 1 + 3 objects
+        with_background, without = loss(0.5), loss(0.0)
+    torch.testing.assert_close(with_background - without, 0.5 * hand, rtol=1e-4, atol=1e-6)
+    # Without background points in the batch the weight changes nothing.
+    _, plain = _point_batch(tiny_model_dir, background=False)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            SamTrainer(model=model, args=args, processing_class=processor.image_processor).compute_loss(model, plain),
+            without,
+        )
+
+
+def test_point_only_rows_train_the_point_pass_and_not_the_box_output(tiny_model_dir):
+    """Rows cut for the point prompts (`point_only`): no box loss, so the box output's hypernetwork (mask token 0,
+    which only `multimask_output=False` uses) gets no gradient, while the multimask ones do, even at a step where
+    the cycle of `multimask_every` gives no object its turn."""
+    model = SamModel.from_pretrained(tiny_model_dir)
+    freeze_modules(model)
+    processor, batch = _point_batch(tiny_model_dir, background=False)
+    labels = batch["labels"]
+    batch = {**batch, "point_only": torch.tensor([True, True]), "point_labels": labels}
+    batch["labels"] = torch.full_like(labels, -100.0)
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    trainer = SamTrainer(model=model, args=args, processing_class=processor.image_processor, multimask_every=8)
+    model.train()
+    trainer.state.global_step = 3  # no object has its turn in the cycle: point-only rows are prompted anyway
+    loss = trainer.compute_loss(model, batch)
+    assert loss > 0
+    loss.backward()
+    hypernetworks = model.mask_decoder.output_hypernetworks_mlps
+    assert all(p.grad is None or not p.grad.any() for p in hypernetworks[0].parameters())
+    # Best-of-3: each object's mask loss reaches the hypernetwork of its best candidate only.
+    assert any(p.grad is not None and p.grad.any() for k in (1, 2, 3) for p in hypernetworks[k].parameters())
