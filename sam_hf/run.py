@@ -115,6 +115,11 @@ def default_dataloader_num_workers(cuda: bool | None = None) -> int:
 
 
 def _with_defaults(model_args, data_args, sam_args, training_args, given: set[str]):
+    if data_args.point_crop_scale and not multimask_stride(sam_args):
+        raise ValueError(
+            "--point_crop_scale cuts crops for the multimask point pass, which --multimask_every 0 turns off: pass "
+            "--point_crop_scale 0 as well, or keep the point pass."
+        )
     # TrainingArguments replaces a missing --output_dir by ./trainer_output, shared by every run; name it instead.
     if "output_dir" not in given:
         training_args.output_dir = default_output_dir(model_args.model_name_or_path, data_args.dataset_name)
@@ -512,10 +517,6 @@ def run_training(
         del model.config.object_crop_scale
     freeze_modules(model, sam_args.freeze_vision_encoder, sam_args.freeze_prompt_encoder)
     multimask_every = multimask_stride(sam_args)
-    if data_args.point_crop_scale and not multimask_every:
-        raise ValueError(
-            "--point_crop_scale cuts crops for the multimask point pass, which --multimask_every 0 turns off."
-        )
     if not multimask_every:
         # Box-only single-mask training never reaches the multimask outputs, nor the IoU head without its loss.
         freeze_unused_decoder_outputs(model, train_iou_head=sam_args.iou_loss_weight > 0)

@@ -198,6 +198,21 @@ def test_crop_objects_background_points_and_point_prompt_rows():
         crop_objects(source, 3, point_scale=5, point_every=0)
 
 
+def test_point_crop_and_background_arguments_reach_the_card():
+    from sam_hf.run import loss_description, parse_args, prompt_recipe
+
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--object_crop_scale", "7", "--output_dir", "o"]
+    _, data_args, sam_args, _ = parse_args(base + ["--point_crop_scale", "20", "--point_crop_every", "3"])
+    assert "One object in 3 was also cut on a crop of 20 times its box" in prompt_recipe(data_args, sam_args)
+    assert "(weight 0.1) one point per image on no object" in loss_description(sam_args)
+    _, data_args, sam_args, _ = parse_args(base + ["--background_point_weight", "0"])
+    assert "no object" not in loss_description(sam_args) and "also cut" not in prompt_recipe(data_args, sam_args)
+    with pytest.raises(ValueError, match="--multimask_every 0 turns off"):
+        parse_args(base + ["--point_crop_scale", "20", "--multimask_every", "0"])
+    with pytest.raises(ValueError, match="background_point_weight must be >= 0"):
+        parse_args(base + ["--background_point_weight", "-1"])
+
+
 def test_object_crop_arguments_are_checked():
     assert DataArguments(dataset_name="d", object_crop_scale=6).label_mask_type == "instance"
     assert DataArguments(dataset_name="d", object_crop_scale=6).eval_unit == "object crops"
