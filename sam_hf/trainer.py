@@ -245,7 +245,9 @@ class SamTrainer(Trainer):
             )
         if num_items_in_batch is not None:
             pixels_per_object = labels.shape[-1] * labels.shape[-2]
-            loss = loss * (n_objects * pixels_per_object) / num_items_in_batch
+            # The terms above are sums divided by max(n_objects, 1): with no box-prompted object in this micro-batch
+            # (rows for the point pass only) the box term is 0 and the others still count.
+            loss = loss * (max(n_objects, 1) * pixels_per_object) / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss

@@ -32,7 +32,16 @@ def _two_image_dataset() -> datasets.Dataset:
     return index_objects(ds.cast_column("image", datasets.Image()).cast_column("label", datasets.Image()))
 
 
-def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, encoder_calls=None, multimask_every=1):
+def _one_step(
+    model_dir,
+    tmp_path,
+    batch_size,
+    accumulation,
+    multimask=False,
+    encoder_calls=None,
+    multimask_every=1,
+    point_rows=False,
+):
     model = SamModel.from_pretrained(model_dir)
     if encoder_calls is not None:
         model.vision_encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
@@ -41,7 +50,7 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, en
     if not multimask:
         freeze_unused_decoder_outputs(model)
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}{f'm{multimask_every}' if multimask else ''}"),
+        output_dir=str(tmp_path / f"ga{batch_size}x{accumulation}m{multimask and multimask_every}p{point_rows}"),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -55,7 +64,12 @@ def _one_step(model_dir, tmp_path, batch_size, accumulation, multimask=False, en
         seed=0,
         use_cpu=True,  # compared with a CPU reference computed by hand, also on a GPU machine
     )
-    train = _two_image_dataset().with_transform(SamTransform(processor, train=True, point_prompts=multimask, seed=0))
+    data = _two_image_dataset()
+    if point_rows:
+        # Image B (three objects) is a row for the point pass only: image A alone has a box loss.
+        data = data.add_column("point_only", [False, True])
+    transform = SamTransform(processor, train=True, point_prompts=multimask, background_points=point_rows, seed=0)
+    train = data.with_transform(transform)
     trainer = SamTrainer(
         model=model,
         args=args,
@@ -342,6 +356,19 @@ def test_gradient_accumulation_with_every_other_object_point_prompted(tiny_model
     changed = [n for n in base if not torch.equal(base[n], big_batch[n])]
     assert any(n.startswith(tuple(f"output_hypernetworks_mlps.{k}." for k in (1, 2, 3))) for n in changed)
     assert any(not torch.allclose(big_batch[n], every_object[n]) for n in changed), "the subset must matter"
+    for n in base:
+        torch.testing.assert_close(big_batch[n], accumulated[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_gradient_accumulation_with_point_only_rows_and_background_points(tiny_model_dir, tmp_path):
+    """A micro-batch holding only a point-pass row has no box-prompted object; its point and background terms still
+    count, scaled like the rest: batch 2 == batch 1 x accumulation 2."""
+    base = {n: p.clone() for n, p in SamModel.from_pretrained(tiny_model_dir).mask_decoder.named_parameters()}
+    big_batch = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True, point_rows=True)
+    accumulated = _one_step(tiny_model_dir, tmp_path, batch_size=1, accumulation=2, multimask=True, point_rows=True)
+    plain = _one_step(tiny_model_dir, tmp_path, batch_size=2, accumulation=1, multimask=True)
+    changed = [n for n in base if not torch.equal(base[n], big_batch[n])]
+    assert any(not torch.allclose(big_batch[n], plain[n]) for n in changed), "point rows must change the step"
     for n in base:
         torch.testing.assert_close(big_batch[n], accumulated[n], rtol=1e-4, atol=1e-6, msg=n)
 
