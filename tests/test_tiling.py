@@ -296,12 +296,20 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
         "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir",
         str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "1",
         "--max_eval_samples", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-        "--object_crop_scale", "6", "--eval_before_training", "false",
+        "--object_crop_scale", "6", "--eval_before_training", "false", "--point_crop_scale", "12",
+        "--point_crop_every", "2",
     ]  # fmt: skip
     args = parse_args(argv)
     with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
         metrics = run_training(*args)
     assert args[1].mask_type == "auto" and args[1].label_mask_type == "instance"
+    # The training image's objects also get point crops, one in two; evaluation gets none (checked below).
+    import re
+
+    train_objects = int(re.search(r"Split 'train': 1 images -> (\d+) object crops", caplog.text)[1])
+    point_crops = int(re.search(r"Split 'train': (\d+) more crops of 12 x for the point prompts", caplog.text)[1])
+    assert train_objects // 2 <= point_crops <= -(-train_objects // 2)
+    assert "Split 'eval'" in caplog.text and "more crops" not in caplog.text.split("Split 'eval'")[1]
     # One crop, and one scored object, per object of the image; counted here from the instance map on disk.
     from sam_hf.evaluation import load_split
 
