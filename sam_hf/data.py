@@ -674,9 +674,9 @@ class SamTransform:
             multimask training.
         background_points (`bool`, *optional*, defaults to `False`): when training with `point_prompts`, also return
             one point on no object per image, `background_points` `(1, 1, 2)` in the resized frame, with
-            `background_labels` `(1, 1)`: 1, or -10 (SAM's "not a point") for an image without background. It comes
-            from the row's `background_points` column (object crops, whose label holds one object) or else from the
-            pixels outside every object of the label.
+            `background_labels` `(1, 1)`: 1, or -10 (the label SAM's prompt encoder embeds as nothing, like padding)
+            for an image without background. It comes from the row's `background_points` column (object crops, whose
+            label holds one object) or else from the pixels outside every object of the label.
 
     Rows flagged `point_only` (`crop_objects(point_scale=...)`) are for the multimask point pass only: their `labels`
     are all `-100`, so no box loss and no object count sees them, and their targets go to `point_labels`, which every

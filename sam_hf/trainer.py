@@ -276,8 +276,9 @@ class SamTrainer(Trainer):
             turn = torch.zeros(labels.shape[1], dtype=torch.bool, device=labels.device)
             turn[start::every] = True
             chosen = turn[None, :] | inputs["point_only"][:, None]
-            targets = torch.where(inputs["point_only"][:, None, None, None], inputs["point_labels"], labels)
-            points, point_labels = slice(None), targets.masked_fill(~chosen[:, :, None, None], LABEL_PAD)
+            # `point_labels` holds every row's targets (for point-only rows, `labels` holds -100).
+            point_labels = inputs["point_labels"].masked_fill(~chosen[:, :, None, None], LABEL_PAD)
+            points = slice(None)
         elif start < labels.shape[1]:
             points, point_labels = slice(start, None, every), labels[:, start::every]
         else:
