@@ -705,7 +705,9 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
         if data_args.object_crop_scale:
             # An object-crop row labels one object: the pipeline is scored on the whole images, and each generated
             # mask is decoded again on its own crop (refine_on_object_crops), as the boxes above were.
-            whole = prepare_split(rows, replace(data_args, object_crop_scale=None), eval_args.split)
+            whole = prepare_split(
+                rows, replace(data_args, object_crop_scale=None, point_crop_scale=None), eval_args.split
+            )
         summary["automatic"] = evaluate_automatic(
             predictors,
             whole,

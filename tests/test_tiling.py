@@ -326,7 +326,8 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     summary = run_evaluation(
         EvaluateArguments(model=[f"tuned={tmp_path / 'run'}"], output_dir=str(tmp_path / "eval"), automatic=True,
                           points_per_crop=4, pred_iou_thresh=0, stability_score_thresh=0),
-        DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=1, object_crop_scale=6),
+        # The training run's --point_crop_scale, given here too, changes nothing in evaluation.
+        DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=1, object_crop_scale=6, point_crop_scale=12),
     )  # fmt: skip
     assert summary["num_images"] == 1 and summary["num_objects"] == objects
     # Automatic masks are scored on the whole image (a crop labels one object), each refined on its own crop.
