@@ -70,3 +70,29 @@ def test_object_crops_are_encoded_in_batches_on_cuda(tiny_model_dir):
     assert cuda.batch_size == 8
     cpu = ObjectCropPredictor(SamPredictor.from_pretrained(str(tiny_model_dir)), scale=3)
     np.testing.assert_allclose(cuda(image, boxes=boxes).logits, cpu(image, boxes=boxes).logits, atol=1e-3)
+
+
+def test_point_crops_and_background_points_loss_on_cuda_matches_cpu(tiny_model_dir, nuclei_dir):
+    """The loss with point-only rows and background points (the demo's training path) is the same on CUDA."""
+    from transformers import TrainingArguments
+
+    from sam_hf import SamTrainer
+    from sam_hf.tiling import crop_objects
+
+    processor = SamProcessor.from_pretrained(tiny_model_dir)
+    source = load_source(str(nuclei_dir))["train"].select(range(1))
+    rows = index_objects(crop_objects(source, 6, point_scale=12, point_every=2), "instance")
+    transform = SamTransform(
+        processor, train=True, point_prompts=True, background_points=True, mask_type="instance", seed=0
+    )
+    batch = SamDataCollator()([{k: v[0] for k, v in transform(rows[i : i + 1]).items()} for i in range(8)])
+    assert batch["point_only"].any() and "background_points" in batch
+    losses = {}
+    for device in ("cpu", "cuda"):
+        model = SamModel.from_pretrained(tiny_model_dir).to(device)
+        freeze_modules(model)
+        model.train()
+        args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=device == "cpu")
+        trainer = SamTrainer(model=model, args=args, processing_class=processor.image_processor, multimask_every=8)
+        losses[device] = trainer.compute_loss(model, {k: v.to(device) for k, v in batch.items()}).item()
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)
