@@ -252,10 +252,12 @@ class SamTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
-    def _decode_points(self, model, inputs, reused, points: torch.Tensor, point_labels: torch.Tensor):
-        """A multimask decoder call on the image features of this batch with the given point prompts."""
+    def _decode_points(self, model, reused, points: torch.Tensor, point_labels: torch.Tensor, rows=None):
+        """A multimask decoder call with the given point prompts on this batch's image features (`reused`), or on
+        those of its `rows` only (a 1-D index tensor; the prompts given are then already those rows')."""
+        features = reused if rows is None else tuple(f[rows] for f in reused)
         return model(
-            **(self.family.decoder_inputs(reused) if reused is not None else self._image_inputs(inputs)),
+            **self.family.decoder_inputs(features),
             input_points=points,
             input_labels=point_labels,
             multimask_output=True,
@@ -267,29 +269,30 @@ class SamTrainer(Trainer):
 
         Every `multimask_every`-th object of each image is point-prompted, starting at an offset that cycles with the
         step, so that every object takes its turn (1 prompts them all). Rows flagged `point_only` (crops cut for the
-        point prompts, `--point_crop_scale`) have all their objects prompted, against their `point_labels`.
+        point prompts, `--point_crop_scale`) have all their objects prompted, against their `point_labels`; only the
+        rows with an object chosen at this step are decoded.
         """
         every = self.multimask_every
-        start = self.state.global_step % every
+        batch, k = labels.shape[:2]
+        turn = torch.zeros(k, dtype=torch.bool, device=labels.device)
+        turn[self.state.global_step % every :: every] = True
+        chosen, targets = turn.expand(batch, k), labels
         if "point_only" in inputs:
-            # The whole batch is decoded: rows for the point pass are prompted every step, the others in turn.
-            turn = torch.zeros(labels.shape[1], dtype=torch.bool, device=labels.device)
-            turn[start::every] = True
-            chosen = turn[None, :] | inputs["point_only"][:, None]
             # `point_labels` holds every row's targets (for point-only rows, `labels` holds -100).
-            point_labels = inputs["point_labels"].masked_fill(~chosen[:, :, None, None], LABEL_PAD)
-            points = slice(None)
-        elif start < labels.shape[1]:
-            points, point_labels = slice(start, None, every), labels[:, start::every]
-        else:
+            chosen, targets = chosen | inputs["point_only"][:, None], inputs["point_labels"]
+        # Only the rows and objects with a prompt at this step are decoded; what else they hold is masked out.
+        rows, objects = chosen.any(dim=1).nonzero().squeeze(1), chosen.any(dim=0).nonzero().squeeze(1)
+        if not len(rows):
             # No object of this micro-batch has its turn: decode one prompt whose loss is 0, so that every process
             # still reaches the same parameters (DistributedDataParallel waits for their gradients).
-            points, point_labels = slice(0, 1), torch.full_like(labels[:, :1], LABEL_PAD)
-        outputs = self._decode_points(
-            model, inputs, reused, inputs["input_points"][:, points], inputs["input_labels"][:, points]
-        )
+            rows = objects = torch.zeros(1, dtype=torch.long, device=labels.device)
+            chosen = torch.zeros_like(chosen)
+        chosen = chosen[rows][:, objects]
+        targets = targets[rows][:, objects].masked_fill(~chosen[:, :, None, None], LABEL_PAD)
+        points, point_labels = inputs["input_points"][rows][:, objects], inputs["input_labels"][rows][:, objects]
+        outputs = self._decode_points(model, reused, points, point_labels, None if len(rows) == batch else rows)
         mask_sum, iou_sum, _ = multimask_loss(
-            self.loss_fn, outputs.pred_masks, outputs.iou_scores, point_labels, reduction="sum"
+            self.loss_fn, outputs.pred_masks, outputs.iou_scores, targets, reduction="sum"
         )
         return mask_sum, iou_sum
 
@@ -298,7 +301,7 @@ class SamTrainer(Trainer):
         with `multimask_output=True`, and the mean over the three candidates of the cross-entropy of their logits
         against an empty mask plus `iou_loss_weight` times their squared predicted IoU (the target being 0: the
         point selects no object)."""
-        outputs = self._decode_points(model, inputs, reused, inputs["background_points"], inputs["background_labels"])
+        outputs = self._decode_points(model, reused, inputs["background_points"], inputs["background_labels"])
         logits, scores = outputs.pred_masks[:, 0].float(), outputs.iou_scores[:, 0].float()  # (B, 3, m, m), (B, 3)
         empty = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none").mean((-2, -1))
         per_image = (empty + self.iou_loss_weight * scores**2).mean(dim=1)

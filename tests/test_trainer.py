@@ -506,3 +506,41 @@ def test_point_only_rows_train_the_point_pass_and_not_the_box_output(tiny_model_
     assert all(p.grad is None or not p.grad.any() for p in hypernetworks[0].parameters())
     # Best-of-3: each object's mask loss reaches the hypernetwork of its best candidate only.
     assert any(p.grad is not None and p.grad.any() for k in (1, 2, 3) for p in hypernetworks[k].parameters())
+
+
+def test_point_pass_decodes_only_the_rows_it_prompts(tiny_model_dir):
+    """With a point-only row in the batch and no turn for the other row's objects, the point pass decodes that one
+    row; its loss is the multimask loss of that row decoded on its own, divided by the box-prompted objects."""
+    from sam_hf.loss import multimask_loss
+
+    model = SamModel.from_pretrained(tiny_model_dir)
+    freeze_modules(model)
+    processor, batch = _point_batch(tiny_model_dir, background=False)
+    labels = batch["labels"]
+    box_labels = labels.clone()
+    box_labels[1] = -100.0  # row 1 (three objects) is for the point pass only; row 0 has one
+    batch = {**batch, "labels": box_labels, "point_only": torch.tensor([False, True]), "point_labels": labels}
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    trainer = SamTrainer(model=model, args=args, processing_class=processor.image_processor, multimask_every=8)
+    model.train()
+    trainer.state.global_step = 5  # object 5 and later have their turn: none of row 0
+    decoded = []
+    model.mask_decoder.register_forward_hook(
+        lambda module, args, kwargs, out: decoded.append(kwargs["image_embeddings"].shape[0]), with_kwargs=True
+    )
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        box_only = trainer.compute_loss(model, {k: batch[k] for k in ("pixel_values", "input_boxes", "labels")})
+        out = model(
+            pixel_values=batch["pixel_values"][1:],
+            input_points=batch["input_points"][1:],
+            input_labels=batch["input_labels"][1:],
+            multimask_output=True,
+        )
+        mask_sum, iou_sum, _ = multimask_loss(
+            SamDiceCELoss(), out.pred_masks, out.iou_scores, labels[1:], reduction="sum"
+        )
+    assert decoded[:2] == [2, 1], "the box pass decodes both rows, the point pass row 1 alone"
+    n_box_objects = int((box_labels[0] != -100).flatten(1).any(1).sum())
+    assert n_box_objects == 1  # image A has one object
+    torch.testing.assert_close(loss, box_only + (mask_sum + iou_sum) / n_box_objects, rtol=1e-5, atol=1e-6)
