@@ -70,7 +70,7 @@ Recipe notes, measured on 2 CPU cores:
   the decoder predicts masks from a 32x32 grid of 8-px cells, and most nuclei are one or two cells wide. On object
   crops 7 times each box's longer side (`--object_crop_scale 7`, which the demo uses), every nucleus reaches the
   model at about the size of the synthetic cells: the stage-6 base scores 0.827 without tuning and the demo's
-  decoder tuning takes it to 0.850 (0.854 before the demo added point crops; stage 4: 0.751 -> 0.831). Crops 3, 4,
+  decoder tuning takes it to 0.851 (0.854 before the demo added point crops; stage 4: 0.751 -> 0.831). Crops 3, 4,
   5, 6, 8, 10 and 12 times the box score 0.723, 0.774, 0.809, 0.826, 0.829, 0.823 and 0.820 without tuning (stage
   6); 128-px tiles, the other way to enlarge small nuclei, cut large ones and score 0.808.
 """
