@@ -7,6 +7,7 @@
         --dataset_name ../shared/data/dsb2018_nuclei_train_subset
     python scripts/benchmark.py --config vit-b --mode memory --num_images 64 --max_objects_per_image 8
     python scripts/benchmark.py --config vit-b --mode transform --num_images 16
+    python scripts/benchmark.py --config tiny --mode passes --repeats 4
 
 `--device` defaults to `cuda` when a GPU is present. On CUDA the runs use bf16 autocast (`--precision`), a batch of
 4 images (`--batch_size`) and `min(8, CPUs - 1)` dataloader workers (`--num_workers`); on CPUs fp32, batch 1 and no
@@ -35,7 +36,9 @@ object with the measures and ratios.
 `--mode memory` builds the embedding cache in a child process, then trains one epoch from it in this process and
 reports this process's peak RSS. `--mode transform` times the cached training transform per row, with embeddings
 stored as sam_hf stores them (array bytes) and as an `Array3D` column read through `datasets`' Python formatting.
-`--mode decoder` times one decoder step for 1, 4 and 16 boxes in fp32 and bf16.
+`--mode decoder` times one decoder step for 1, 4 and 16 boxes in fp32 and bf16. `--mode passes` times a training step
+of one-object crops as the recipe adds decoder passes (box only, the point pass with point-only crops, background
+points); `--batch_size` crops per step, 16 by default in this mode.
 """
 
 from __future__ import annotations
@@ -473,6 +476,64 @@ def decoder(args) -> None:
     print(json.dumps(result))
 
 
+def passes(args) -> None:
+    """Milliseconds of one `SamTrainer` training step (`compute_loss` and backward) on a batch of one-object crops from
+    cached embeddings, as the recipe adds decoder passes: box prompts only; then the multimask point pass (every 8th
+    object in turn, and one row in 5 point-only, as `--point_crop_scale` with `--point_crop_every 4` gives); then the
+    background points (the demo's recipe). Random embeddings and labels of the config's shapes: the cost depends on
+    the shapes only."""
+    model, _ = build(args.config, args.seed, args.device)
+    model.mask_decoder.requires_grad_(True)  # the point pass trains every mask token and the IoU head
+    model.train()
+    vision = model.config.vision_config
+    side, b = vision.image_size // vision.patch_size, args.batch_size
+    gen = torch.Generator().manual_seed(args.seed)
+    centres = torch.rand(b, 1, 2, generator=gen) * vision.image_size * 0.5 + vision.image_size * 0.25
+    targets = (torch.rand(b, 1, 4 * side, 4 * side, generator=gen) > 0.5).float()
+    point_only = torch.arange(b) % 5 == 0
+    batch = {
+        "image_embeddings": torch.randn(b, vision.output_channels, side, side, generator=gen),
+        "input_boxes": torch.cat([centres - vision.image_size / 8, centres + vision.image_size / 8], dim=-1),
+        "input_points": centres[:, :, None],
+        "input_labels": torch.ones(b, 1, 1, dtype=torch.long),
+        "labels": targets.masked_fill(point_only[:, None, None, None], -100.0),
+        "point_labels": targets,
+        "point_only": point_only,
+        "background_points": torch.rand(b, 1, 1, 2, generator=gen) * vision.image_size,
+        "background_labels": torch.ones(b, 1, 1, dtype=torch.long),
+    }
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    box_only = ("labels", "input_boxes", "image_embeddings")
+    recipes = {
+        "box": (0, {k: v for k, v in batch.items() if k in box_only}),
+        "box+points": (8, {k: v for k, v in batch.items() if not k.startswith("background")}),
+        "box+points+background": (8, batch),
+    }
+    work = tempfile.mkdtemp(prefix="sam_hf_bench_")
+    result = {"config": args.config, "device": str(args.device), "device_name": device_name(args.device)}
+    result.update({"batch_size": b, "precision": args.precision, "steps": args.repeats * 8})
+    for name, (every, inputs) in recipes.items():
+        trainer = SamTrainer(model=model, args=training_args(args, work, 1), multimask_every=every)
+
+        def step(i: int, trainer=trainer, inputs=inputs) -> None:
+            trainer.state.global_step = i  # the point pass's turn cycles with the step
+            with _autocast(args.device, args.precision):
+                loss = trainer.compute_loss(model, inputs)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        for i in range(8):  # warm-up: one full cycle of turns
+            step(i)
+        _sync(args.device)
+        start = time.perf_counter()
+        for i in range(args.repeats * 8):
+            step(i)
+        _sync(args.device)
+        result[f"{name}_ms_per_step"] = round((time.perf_counter() - start) / (args.repeats * 8) * 1000, 2)
+        print(f"{f'{name}, ms per step':<40}{result[f'{name}_ms_per_step']:>14.2f}")
+    print(json.dumps(result))
+
+
 def transform(args, ds) -> None:
     """Milliseconds per row of the cached training transform: embeddings as array bytes (sam_hf's cache) against the
     same embeddings in an `Array3D` column read through `datasets`' Python formatting."""
@@ -598,9 +659,10 @@ def main() -> None:
     parser.add_argument("--torch_compile", action="store_true", help="also time steady epochs under torch.compile")
     parser.add_argument("--uncached", action="store_true", help="also time an epoch without the embedding cache")
     parser.add_argument("--boxes", type=int, default=16, help="K, boxes per image for the inference comparison")
-    parser.add_argument("--repeats", type=int, default=3, help="best-of-N timing for the inference comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N (inference, decoder); passes: 8-step cycles")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", choices=["speed", "memory", "build_cache", "decoder", "transform"], default="speed")
+    modes = ["speed", "memory", "build_cache", "decoder", "transform", "passes"]
+    parser.add_argument("--mode", choices=modes, default="speed")
     parser.add_argument("--work_dir", default=None, help="memory mode: where the embedding cache goes")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -608,7 +670,7 @@ def main() -> None:
     args.device = torch.device(args.device)
     cuda = args.device.type == "cuda"
     args.precision = args.precision or ("bf16" if cuda else "fp32")
-    args.batch_size = args.batch_size or (4 if cuda else 1)
+    args.batch_size = args.batch_size or (16 if args.mode == "passes" else 4 if cuda else 1)
     args.num_workers = (
         args.num_workers if args.num_workers is not None else (min(8, (os.cpu_count() or 2) - 1) if cuda else 0)
     )
@@ -619,6 +681,8 @@ def main() -> None:
 
     if args.mode == "decoder":
         return decoder(args)
+    if args.mode == "passes":
+        return passes(args)
     ds = index_objects(load_source(args.dataset_name)["train"].select(range(args.num_images)))
     if args.mode == "transform":
         return transform(args, ds)
