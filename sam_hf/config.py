@@ -99,8 +99,9 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={
-            "help": "Processes for indexing masks, and for decoding and preprocessing images while the embedding "
-            "cache is built (defaults there to min(8, CPUs - 1) on a GPU, none on CPUs)."
+            "help": "Processes for cutting tiles or object crops and indexing masks, and for decoding and "
+            "preprocessing images while the embedding cache is built (defaults there to min(8, CPUs - 1) on a GPU, "
+            "none on CPUs)."
         },
     )
 

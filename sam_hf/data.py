@@ -521,7 +521,7 @@ def prepare_split(ds: datasets.Dataset | datasets.IterableDataset, data_args: Da
 
             ds = tile_dataset(
                 ds, data_args.tile_size, data_args.tile_overlap, data_args.tile_min_visible, data_args.mask_type,
-                split_name,
+                split_name, num_proc=data_args.preprocessing_num_workers,
             )  # fmt: skip
         elif data_args.object_crop_scale:
             from .tiling import crop_objects
@@ -535,6 +535,7 @@ def prepare_split(ds: datasets.Dataset | datasets.IterableDataset, data_args: Da
                 split_name,
                 point_scale=point_scale,
                 point_every=data_args.point_crop_every,
+                num_proc=data_args.preprocessing_num_workers,
             )
     return index_objects(ds, data_args.label_mask_type, split_name, data_args.preprocessing_num_workers)
 

@@ -24,6 +24,7 @@ way; each crop is encoded once per prompt.
 
 from __future__ import annotations
 
+import io
 import logging
 import zlib
 from collections import Counter
@@ -100,12 +101,24 @@ def _rows(
         yield name, image, instances
 
 
+def _png(array: np.ndarray) -> dict[str, Any]:
+    """An RGB array as PNG bytes for a `datasets.Image` column, at compression level 1: lossless like `datasets`' own
+    encoding (level 6), about three times faster to write, and about a quarter larger."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
 def _cut_rows(
-    ds: datasets.Dataset, cut: Callable[[dict[str, list], list[int]], dict[str, list]], extra: dict, desc: str
+    ds: datasets.Dataset,
+    cut: Callable[[dict[str, list], list[int]], dict[str, list]],
+    extra: dict,
+    desc: str,
+    num_proc: int | None = None,
 ) -> datasets.Dataset:
-    """`ds.map(cut)` into rows of `image` and `label` (PIL images, stored as they are: 16-bit PNG labels, 8-bit RGB
-    images), `file_name`, `source_file_name` (the image a row was cut from: evaluation reports per-image scores by
-    it), and the `extra` features."""
+    """`ds.map(cut)` into rows of `image` (RGB, `_png`) and `label` (PIL images of 16-bit instance maps, stored as
+    `datasets` stores them), `file_name`, `source_file_name` (the image a row was cut from: evaluation reports
+    per-image scores by it), and the `extra` features; in `num_proc` processes (`--preprocessing_num_workers`)."""
     features = datasets.Features(
         {
             "image": datasets.Image(),
@@ -122,6 +135,7 @@ def _cut_rows(
         batch_size=8,
         remove_columns=ds.column_names,
         features=features,
+        num_proc=num_proc,
         desc=desc,
     )
 
@@ -141,6 +155,7 @@ def tile_dataset(
     min_visible: float = 0.5,
     mask_type: str = "auto",
     split_name: str = "train",
+    num_proc: int | None = None,
 ) -> datasets.Dataset:
     """Cut every row (`image`, `label`) into tiles; the labels become instance maps (`mask_type="instance"`).
 
@@ -152,6 +167,7 @@ def tile_dataset(
             this fraction of its area lies inside it.
         mask_type (`str`, *optional*, defaults to `"auto"`): how the labels become objects (`mask_to_instances`).
         split_name (`str`): for logs.
+        num_proc (`int`, *optional*): processes that cut the rows (`datasets.Dataset.map`).
 
     Returns:
         A dataset with one row per tile: `image`, `label` (uint16 instance map), `file_name`
@@ -168,14 +184,14 @@ def tile_dataset(
                 counts: Counter = Counter()
                 crop = instances[y0 : y0 + tile_size, x0 : x0 + tile_size]
                 out["label"].append(Image.fromarray(_tile_instances(crop, areas, min_visible, counts)))
-                out["image"].append(Image.fromarray(image[y0 : y0 + tile_size, x0 : x0 + tile_size]))
+                out["image"].append(_png(image[y0 : y0 + tile_size, x0 : x0 + tile_size]))
                 out["file_name"].append(f"{name}@y{y0}x{x0}")
                 out["source_file_name"].append(name)
                 out["_tile_counts"].append([counts["whole"], counts["cut_kept"], counts["cut_dropped"]])
         return out
 
     counts_feature = {"_tile_counts": datasets.List(datasets.Value("int64"), length=3)}
-    tiled = _cut_rows(ds, cut, counts_feature, f"Cutting tiles ({split_name})")
+    tiled = _cut_rows(ds, cut, counts_feature, f"Cutting tiles ({split_name})", num_proc)
     whole, kept, dropped = np.asarray(tiled["_tile_counts"], np.int64).reshape(-1, 3).sum(0).tolist()
     logger.info(
         "Split %r: %d images -> %d tiles of %d px (overlap %d); objects per tile: %d whole, %d cut by the tile edge "
@@ -216,6 +232,7 @@ def crop_objects(
     split_name: str = "train",
     point_scale: float | None = None,
     point_every: int = 4,
+    num_proc: int | None = None,
 ) -> datasets.Dataset:
     """One row per object: its `object_window` crop of the image, and a label that holds only that object.
 
@@ -235,6 +252,7 @@ def crop_objects(
         split_name (`str`): for logs and errors.
         point_scale (`float`, *optional*): scale of the extra point-prompt rows; none without it.
         point_every (`int`, *optional*, defaults to 4): with `point_scale`, one object in this many gets such a row.
+        num_proc (`int`, *optional*): processes that cut the rows (`datasets.Dataset.map`).
 
     Returns:
         A dataset with `image` (the crop), `label` (uint16, 1 on the object, 0 elsewhere, the other objects of the
@@ -259,7 +277,7 @@ def crop_objects(
                         continue
                     y0, x0, y1, x1 = object_window(box, s, *instances.shape)
                     window = instances[y0:y1, x0:x1]
-                    out["image"].append(Image.fromarray(image[y0:y1, x0:x1]))
+                    out["image"].append(_png(image[y0:y1, x0:x1]))
                     out["label"].append(Image.fromarray((window == k).astype(np.uint16)))
                     out["file_name"].append(f"{name}#{k}@{s:g}" if point_only else f"{name}#{k}")
                     out["source_file_name"].append(name)
@@ -271,7 +289,7 @@ def crop_objects(
     extra = {"background_points": datasets.List(datasets.List(datasets.Value("int32"), length=2))}
     if point_scale is not None:
         extra["point_only"] = datasets.Value("bool")
-    cropped = _cut_rows(ds, cut, extra, f"Cropping objects ({split_name})")
+    cropped = _cut_rows(ds, cut, extra, f"Cropping objects ({split_name})", num_proc)
     logger.info(
         "Split %r: %d images -> %d object crops, each %g x the longer side of its object's box",
         split_name,

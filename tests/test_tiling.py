@@ -213,6 +213,24 @@ def test_point_crop_and_background_arguments_reach_the_card():
         parse_args(base + ["--background_point_weight", "-1"])
 
 
+def test_crops_and_tiles_cut_in_several_processes_are_those_of_one():
+    """`--preprocessing_num_workers` cuts the rows in processes: the same rows, in the same order, pixel for pixel."""
+    source = datasets.concatenate_datasets([_dataset(), _dataset().map(lambda r: {"file_name": "other.png"})])
+    source = source.map(lambda r, i: {"image": np.asarray(r["image"]) // (i + 1)}, with_indices=True)
+    for cut in (
+        lambda n: crop_objects(source, 3, mask_type="instance", point_scale=5, point_every=2, num_proc=n),
+        lambda n: tile_dataset(source, 60, 20, mask_type="instance", num_proc=n),
+    ):
+        one, two = cut(None), cut(2)
+        assert len(one) == len(two) > 2 and one.column_names == two.column_names
+        for a, b in zip(one, two):
+            for column in one.column_names:
+                if column in ("image", "label"):
+                    np.testing.assert_array_equal(np.asarray(a[column]), np.asarray(b[column]))
+                else:
+                    assert a[column] == b[column], column
+
+
 def test_object_crop_arguments_are_checked():
     assert DataArguments(dataset_name="d", object_crop_scale=6).label_mask_type == "instance"
     assert DataArguments(dataset_name="d", object_crop_scale=6).eval_unit == "object crops"
