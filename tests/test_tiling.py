@@ -213,15 +213,30 @@ def test_point_crop_and_background_arguments_reach_the_card():
         parse_args(base + ["--background_point_weight", "-1"])
 
 
-def test_crops_and_tiles_cut_in_several_processes_are_those_of_one():
+def test_crops_and_tiles_cut_in_several_processes_are_those_of_one(monkeypatch):
     """`--preprocessing_num_workers` cuts the rows in processes: the same rows, in the same order, pixel for pixel."""
-    source = datasets.concatenate_datasets([_dataset(), _dataset().map(lambda r: {"file_name": "other.png"})])
-    source = source.map(lambda r, i: {"image": np.asarray(r["image"]) // (i + 1)}, with_indices=True)
+    one_image = _dataset()
+    image, label = np.asarray(one_image["image"][0]), np.asarray(one_image["label"][0])
+    # A second image half as bright, so that rows cannot be swapped unnoticed.
+    source = datasets.Dataset.from_dict(
+        {"image": [image, image // 2], "label": [label, label], "file_name": ["big.png", "other.png"]},
+        features=one_image.features,
+    )
+    num_procs, original_map = [], datasets.Dataset.map
+
+    def recording_map(self, *args, **kwargs):
+        num_procs.append(kwargs.get("num_proc"))
+        return original_map(self, *args, **kwargs)
+
     for cut in (
         lambda n: crop_objects(source, 3, mask_type="instance", point_scale=5, point_every=2, num_proc=n),
         lambda n: tile_dataset(source, 60, 20, mask_type="instance", num_proc=n),
     ):
-        one, two = cut(None), cut(2)
+        one = cut(None)
+        with monkeypatch.context() as patch:
+            patch.setattr(datasets.Dataset, "map", recording_map)
+            two = cut(2)
+        assert num_procs.pop() == 2 and not num_procs, "one map, in 2 processes"
         assert len(one) == len(two) > 2 and one.column_names == two.column_names
         for a, b in zip(one, two):
             for column in one.column_names:
