@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .data import MASK_TYPES
+from .tiling import check_crop_scale
 
 __all__ = ["DataArguments", "ModelArguments", "SamArguments"]
 
@@ -119,11 +120,7 @@ class DataArguments:
                     "--tile_size cuts a dataset held on disk into tiles; it does not work with --streaming."
                 )
         if self.object_crop_scale is not None:
-            if not self.object_crop_scale >= 1:
-                raise ValueError(
-                    "--object_crop_scale must be >= 1 so that each crop holds its object, got "
-                    f"{self.object_crop_scale}."
-                )
+            check_crop_scale(self.object_crop_scale)
             if self.tile_size is not None:
                 raise ValueError("--object_crop_scale and --tile_size are two ways to window the images: choose one.")
             if self.streaming:
@@ -137,8 +134,7 @@ class DataArguments:
                 raise ValueError(
                     "--point_crop_scale adds point-prompt crops to object crops: it needs --object_crop_scale."
                 )
-            if not self.point_crop_scale >= 1:
-                raise ValueError(f"--point_crop_scale must be >= 1, got {self.point_crop_scale}.")
+            check_crop_scale(self.point_crop_scale, name="--point_crop_scale")
         if self.point_crop_every < 1:
             raise ValueError(f"--point_crop_every must be >= 1, got {self.point_crop_every}.")
         if self.mask_type not in MASK_TYPES:
