@@ -35,7 +35,8 @@ object with the measures and ratios.
 
 `--mode memory` builds the embedding cache in a child process, then trains one epoch from it in this process and
 reports this process's peak RSS. `--mode transform` times the cached training transform per row, with embeddings
-stored as sam_hf stores them (array bytes) and as an `Array3D` column read through `datasets`' Python formatting.
+stored as sam_hf stores them (array bytes) and as an `Array3D` column read through `datasets`' Python formatting,
+and the uncached transform (image decoding and preprocessing included) on one thread, as a dataloader worker runs it.
 `--mode decoder` times one decoder step for 1, 4 and 16 boxes in fp32 and bf16. `--mode passes` times a training step
 of one-object crops as the recipe adds decoder passes (box only, the point pass with point-only crops, background
 points); `--batch_size` crops per step, 16 by default in this mode.
@@ -57,7 +58,15 @@ from contextlib import nullcontext
 import datasets
 import numpy as np
 import torch
-from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor, TrainerCallback, TrainingArguments
+from transformers import (
+    SamConfig,
+    SamImageProcessor,
+    SamImageProcessorPil,
+    SamModel,
+    SamProcessor,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from sam_hf import (
     SamDataCollator,
@@ -583,6 +592,31 @@ def transform(args, ds) -> None:
         results[f"{name}_ms_per_row"] = round((time.perf_counter() - start) / len(train) * 1000, 2)
         print(f"{f'cached transform, {name}, ms per row':<52}{results[f'{name}_ms_per_row']:>14}")
     results["speedup"] = round(results["array3d_python_ms_per_row"] / results["array_bytes_ms_per_row"], 1)
+    # Without the cache (`--cache_embeddings false`, or a trained encoder) a row decodes and preprocesses its image:
+    # timed with one thread, as a DataLoader worker runs it, with the torchvision-backed processor (what
+    # `facebook/sam-*` checkpoints load) and the PIL one, at the config's input size.
+    ip = processor.image_processor
+    sizes = {k: getattr(ip, k) for k in ("size", "pad_size", "mask_size", "mask_pad_size")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, backend in (("torchvision", SamImageProcessor), ("pil", SamImageProcessorPil)):
+            uncached = ds.with_transform(
+                SamTransform(
+                    SamProcessor(image_processor=backend(**sizes)),
+                    train=True,
+                    box_jitter=20,
+                    max_objects_per_image=args.max_objects_per_image,
+                )
+            )
+            uncached[0]
+            start = time.perf_counter()
+            for i in range(len(uncached)):
+                uncached[i]
+            ms = results[f"uncached_{name}_ms_per_row"] = round((time.perf_counter() - start) / len(uncached) * 1e3, 2)
+            print(f"{f'uncached transform, {name} processor, ms per row':<52}{ms:>14}")
+    finally:
+        torch.set_num_threads(threads)
     # Labels of the sampled objects, the two ways, on the same rows and objects.
     ip = processor.image_processor
     edge, pad = ip.mask_size["longest_edge"], ip.mask_pad_size["height"]
