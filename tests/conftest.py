@@ -31,7 +31,14 @@ def launch_two_processes(model_dir, dataset_dir, out, cache_dir, train_args: str
         *train_args.split(),
         *extra,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # No GPU visible: on a GPU machine two ranks would otherwise share its one device.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout + proc.stderr

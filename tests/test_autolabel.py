@@ -166,13 +166,13 @@ def test_a_model_tuned_on_object_crops_refines_each_mask_on_its_crop(images_dir,
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "object_crop_scale": 7}))
     with caplog.at_level(logging.INFO, logger="sam_hf.autolabel"):
-        report = run_autolabel(_args(images_dir, tmp_path / "out", model=str(model_dir), max_images=1))
+        report = run_autolabel(_args(images_dir, tmp_path / "out", model=str(model_dir), max_images=1, device="cpu"))
     assert "was tuned on object crops (config.json object_crop_scale 7)" in caplog.text
     assert report["settings"]["object_crop_scale"] == 7
     # The same steps by hand: the pipeline's masks, each box decoded again on its crop, then the overlap rules.
     name, entry = next(iter(report["images"].items()))
     image = Image.open(images_dir / name).convert("RGB")
-    outputs = pipeline("mask-generation", model=str(model_dir))(
+    outputs = pipeline("mask-generation", model=str(model_dir), device="cpu")(
         image, points_per_crop=4, pred_iou_thresh=0.0, stability_score_thresh=0.0
     )
     masks, _ = refine_on_object_crops(SamPredictor.from_pretrained(str(model_dir)), image, outputs["masks"], 7)

@@ -144,7 +144,7 @@ def test_trainer_evaluation_counts_each_object_once(eval_images, trained_run, tm
     model, processor = SamModel.from_pretrained(tuned_dir), SamProcessor.from_pretrained(tuned_dir)
     counts = eval_images["num_objects"]
     assert len(set(counts)) > 1  # unequal counts: the collator pads
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to="none")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to="none", use_cpu=True)
     trainer = SamTrainer(
         model=model,
         args=args,

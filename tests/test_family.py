@@ -171,7 +171,10 @@ def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_pat
 
     summary = run_evaluation(
         EvaluateArguments(
-            model=[f"base={member_dir}", f"tuned={out}"], output_dir=str(tmp_path / "eval"), num_figure_images=1
+            model=[f"base={member_dir}", f"tuned={out}"],
+            output_dir=str(tmp_path / "eval"),
+            num_figure_images=1,
+            device="cpu",  # compared below with a CPU predictor
         ),
         DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=2),
     )
@@ -210,11 +213,11 @@ def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_pat
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from sam_hf.serve import create_app, decode_rle
+    from sam_hf.serve import ServeSettings, create_app, decode_rle
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    with TestClient(create_app(out)) as client:
+    with TestClient(create_app(out, settings=ServeSettings(device="cpu"))) as client:
         response = client.post(
             "/segment",
             files={"image": ("i.png", buffer.getvalue(), "image/png")},

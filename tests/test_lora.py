@@ -25,7 +25,7 @@ ARGS = (
     "--lora_rank 4 --max_steps 4 --per_device_train_batch_size 2 --learning_rate 1e-3 --max_train_samples 6 "
     "--max_eval_samples 2 --max_objects_per_image 4 --box_jitter 5 --eval_strategy steps --eval_steps 2 "
     "--save_strategy steps --save_steps 2 --load_best_model_at_end --metric_for_best_model dice --logging_steps 1 "
-    "--report_to none --seed 3"
+    "--report_to none --seed 3 --use_cpu"  # bit-equal resumes are checked: on the CPU where CUDA is present too
 )
 # Merged weights against adapter + base: the same sums in another order (W x + s B A x against (W + s B A) x).
 ATOL, RTOL = 1e-5, 1e-4

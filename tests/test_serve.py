@@ -33,8 +33,10 @@ from sam_hf.serve import (  # noqa: E402
     encode_rle,
 )
 
-# Small limits so that every limit can be crossed cheaply; the nuclei images are 256 x 256 = 65,536 pixels.
+# Small limits so that every limit can be crossed cheaply; the nuclei images are 256 x 256 = 65,536 pixels. The
+# server is compared with CPU predictors, so it runs on the CPU also where CUDA is present (its default there).
 SETTINGS = ServeSettings(
+    device="cpu",
     max_upload_bytes=1_000_000,
     max_image_pixels=300 * 300,
     max_prompts=16,
@@ -513,7 +515,9 @@ def test_a_model_tuned_on_object_crops_is_served_on_crops(crop_model_dir, synthe
             files={"image": ("image.png", synthetic_png, "image/png")},
         )
         body = response.json()
-        proposals = pipeline("mask-generation", model=str(crop_model_dir))(image, points_per_crop=4, **settings)
+        proposals = pipeline("mask-generation", model=str(crop_model_dir), device="cpu")(
+            image, points_per_crop=4, **settings
+        )
         masks, scores = refine_on_object_crops(library, image, proposals["masks"], 3)
         assert body["object_crop_scale"] == 3 and len(body["masks"]) == len(masks) > 0
         np.testing.assert_array_equal(np.stack([decode_rle(m) for m in body["masks"]]), masks)

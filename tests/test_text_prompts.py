@@ -191,7 +191,7 @@ def test_server_text_field(tiny_clipseg_dir, nuclei_dir, sam):
 
     image = sorted((nuclei_dir / "images").glob("*.png"))[0].read_bytes()
     files = {"image": ("cells.png", image, "image/png")}
-    settings = ServeSettings(text_model=str(tiny_clipseg_dir), max_prompts=8)
+    settings = ServeSettings(text_model=str(tiny_clipseg_dir), max_prompts=8, device="cpu")  # compared with CPU models
     with TestClient(create_app(TINY_BASE, settings=settings)) as client:
         body = client.post("/segment", files=files, data={"text": "nucleus"}).json()
         assert set(body) >= {"boxes", "text_peaks", "masks", "scores", "text"}

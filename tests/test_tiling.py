@@ -330,7 +330,7 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
         str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "1",
         "--max_eval_samples", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
         "--object_crop_scale", "6", "--eval_before_training", "false", "--point_crop_scale", "12",
-        "--point_crop_every", "2",
+        "--point_crop_every", "2", "--use_cpu",  # its evaluation is compared with run_evaluation's, on the CPU
     ]  # fmt: skip
     args = parse_args(argv)
     with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
@@ -358,7 +358,7 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
 
     summary = run_evaluation(
         EvaluateArguments(model=[f"tuned={tmp_path / 'run'}"], output_dir=str(tmp_path / "eval"), automatic=True,
-                          points_per_crop=4, pred_iou_thresh=0, stability_score_thresh=0),
+                          points_per_crop=4, pred_iou_thresh=0, stability_score_thresh=0, device="cpu"),
         # The training run's --point_crop_scale, given here too, changes nothing in evaluation.
         DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=1, object_crop_scale=6, point_crop_scale=12),
     )  # fmt: skip
