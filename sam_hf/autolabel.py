@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, to_rgb_array
-from .inference import SamPredictor
+from .inference import SamPredictor, default_device
 from .tiling import check_crop_scale, refine_on_object_crops
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def _mask_generator(args: AutolabelArguments) -> tuple[Any, SamPredictor]:
 
     from .modeling import load_model_and_processor
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     model, processor = load_model_and_processor(args.model)
     generator = pipeline("mask-generation", model=model, image_processor=processor.image_processor, device=device)
     return generator, SamPredictor(generator.model, processor, device=generator.device)

@@ -30,7 +30,7 @@ if not hasattr(evaluate, "load"):
 from .cache import image_side_fingerprint, read_embedding
 from .config import DataArguments
 from .data import jitter_boxes, load_source, mask_to_instances, prepare_split, split_source, to_rgb_array
-from .inference import SamPredictor
+from .inference import SamPredictor, default_device
 from .interactive import interactive_curve
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class EvaluateArguments:
     )
     jitter_seed: int = field(default=0, metadata={"help": "Seed of the box jitter; the same boxes for every model."})
     chunk_size: int = field(default=64, metadata={"help": "Prompts decoded and upsampled at once."})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; defaults to cuda if available."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; cuda if available, else cpu."})
     num_figure_images: int = field(default=4, metadata={"help": "Images in the base-vs-tuned figure (0 = none)."})
     automatic: bool = field(
         default=False,
@@ -673,9 +673,7 @@ def _source_split(data_args: DataArguments, split: str, seed: int, cache_dir: st
 def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> dict[str, Any]:
     """Evaluate every `--model` on the chosen split; write `metrics.json`, `metrics.md` and `base_vs_tuned.png`."""
     models = parse_model_specs(eval_args.model)
-    device = eval_args.device
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(eval_args.device)
     predictors = {
         name: SamPredictor.from_pretrained(
             path, device=device, chunk_size=eval_args.chunk_size, cache_dir=eval_args.cache_dir, token=eval_args.token

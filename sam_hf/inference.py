@@ -26,7 +26,7 @@ from .modeling import load_model_and_processor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptError", "SamPrediction", "SamPredictor", "label_image", "validate_prompts"]
+__all__ = ["PromptError", "SamPrediction", "SamPredictor", "default_device", "label_image", "validate_prompts"]
 
 
 class PromptError(ValueError):
@@ -52,6 +52,14 @@ class SamPrediction:
         idx = self.scores.argmax(axis=1)
         rows = np.arange(len(idx))
         return self.masks[rows, idx], self.scores[rows, idx]
+
+
+def default_device(device: str | torch.device | None = None) -> str:
+    """The device a command runs its model on: the one asked for, else `cuda` where a GPU is present (as transformers'
+    `pipeline` chooses), else `cpu`. `predict`, `evaluate`, `autolabel` and `serve` all go through here."""
+    if device is not None:
+        return str(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _as_array(value: Any, name: str, last_dim: int | None) -> np.ndarray | None:

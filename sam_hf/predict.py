@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, to_rgb_array
-from .inference import PromptError, SamPredictor, label_image
+from .inference import PromptError, SamPredictor, default_device, label_image
 from .text_prompts import DEFAULT_TEXT_MODEL
 from .tiling import check_crop_scale
 
@@ -75,7 +75,7 @@ class PredictArguments:
     save_masks: str = field(
         default="both", metadata={"help": "'png' (one PNG per mask), 'label' (one uint16 label image), or 'both'."}
     )
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; defaults to the model's device."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; cuda if available, else cpu."})
     chunk_size: int = field(default=64, metadata={"help": "Prompts decoded at once."})
     mask_input: str | None = field(
         default=None,
@@ -297,7 +297,9 @@ def _read_mask(path: str) -> np.ndarray:
 
 def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
     """Segment every image with its prompts; returns per image the scores and the files written."""
-    predictor = SamPredictor.from_pretrained(args.model, device=args.device, chunk_size=args.chunk_size)
+    predictor = SamPredictor.from_pretrained(
+        args.model, device=default_device(args.device), chunk_size=args.chunk_size
+    )
     model = predictor
     crop_scale = args.object_crop_scale
     trained_scale = getattr(model.model.config, "object_crop_scale", None)

@@ -54,7 +54,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import FormData, UploadFile
 
 from .data import to_rgb_array
-from .inference import SamPredictor, validate_prompts
+from .inference import SamPredictor, default_device, validate_prompts
 from .text_prompts import DEFAULT_TEXT_MODEL, check_text
 from .tiling import ObjectCropPredictor, check_crop_scale, refine_on_object_crops
 
@@ -431,7 +431,7 @@ class _Cancelled(Exception):
 
 class _ModelService:
     def __init__(self, model: str, settings: ServeSettings):
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(settings.device)
         start = time.perf_counter()
         self.model_id = model
         self.settings = settings

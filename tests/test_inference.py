@@ -187,3 +187,13 @@ def test_mask_input_from_a_binary_mask(tiny_model_dir):
         predictor.mask_input_from_mask(np.ones((80, 150), bool))
     # As a mask prompt, it is what predict() takes.
     predictor.predict(boxes=[[10, 10, 70, 60]], mask_input=left)
+
+
+def test_default_device_is_the_one_asked_for_else_cuda_where_present(monkeypatch):
+    from sam_hf.inference import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device() == "cuda" and default_device("cpu") == "cpu"
+    assert default_device(torch.device("cuda", 1)) == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu" and default_device("mps") == "mps"

@@ -25,6 +25,7 @@ def test_cli_boxes_write_masks_labels_overlay(tiny_model_dir, image_files, tmp_p
     cmd = [
         sys.executable, str(REPO / "scripts" / "predict.py"), "--model", str(tiny_model_dir),
         "--images", str(image_files[0]), "--boxes", "10,12,60,70; 100,40,180,170", "--output_dir", str(tmp_path),
+        "--device", "cpu",  # compared below with the library on the CPU; the command takes cuda where present
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,7 +126,7 @@ def test_points_multimask_and_json_prompts_for_a_folder(tiny_model_dir, image_fi
     (tmp_path / "p.json").write_text(json.dumps(prompts))
     args = PredictArguments(
         model=str(tiny_model_dir), images=str(folder), output_dir=str(tmp_path / "out"),
-        prompts=str(tmp_path / "p.json"), multimask_output=True,
+        prompts=str(tmp_path / "p.json"), multimask_output=True, device="cpu",
     )  # fmt: skip
     report = run_prediction(args)
     assert set(report) == {f.name for f in image_files}
@@ -178,12 +179,12 @@ def test_mask_input_refines_an_earlier_mask(tiny_model_dir, image_files, tmp_pat
     box = [10.0, 12.0, 60.0, 70.0]
     first = tmp_path / "first"
     run_prediction(PredictArguments(model=str(tiny_model_dir), images=str(image_files[0]), boxes="10,12,60,70",
-                                    output_dir=str(first)))  # fmt: skip
+                                    output_dir=str(first), device="cpu"))  # fmt: skip
     previous = first / image_files[0].stem / "mask_000.png"
     second = tmp_path / "second"
     args = PredictArguments(
         model=str(tiny_model_dir), images=str(image_files[0]), boxes="10,12,60,70", points="15,15",
-        point_labels="0", mask_input=str(previous), output_dir=str(second),
+        point_labels="0", mask_input=str(previous), output_dir=str(second), device="cpu",
     )  # fmt: skip
     report = run_prediction(args)[image_files[0].name]
     predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
@@ -217,7 +218,7 @@ def _written_mask(out_dir, image_file):
 def test_tiled_prediction_from_the_command_line(tiny_model_dir, image_files, tmp_path):
     """With --tile_size, a box is decoded on the 128-px tile holding it: the same mask as the library on that crop."""
     args = PredictArguments(model=str(tiny_model_dir), images=str(image_files[0]), boxes="140,150,180,190",
-                            tile_size=128, tile_overlap=32, output_dir=str(tmp_path))  # fmt: skip
+                            tile_size=128, tile_overlap=32, output_dir=str(tmp_path), device="cpu")  # fmt: skip
     run_prediction(args)
     image = np.asarray(Image.open(image_files[0]).convert("RGB"))
     # 256 px: tiles start at 0, 96 and 128 on each axis. The box (x 140..180, y 150..190) has a margin of 33 px in
@@ -229,7 +230,7 @@ def test_tiled_prediction_from_the_command_line(tiny_model_dir, image_files, tmp
 def test_object_crop_prediction_from_the_command_line(tiny_model_dir, image_files, tmp_path):
     """With --object_crop_scale, each box is decoded on its own crop: the same mask as the library on that crop."""
     args = PredictArguments(model=str(tiny_model_dir), images=str(image_files[0]), boxes="140,150,159,169",
-                            object_crop_scale=3, output_dir=str(tmp_path))  # fmt: skip
+                            object_crop_scale=3, output_dir=str(tmp_path), device="cpu")  # fmt: skip
     run_prediction(args)
     image = np.asarray(Image.open(image_files[0]).convert("RGB"))
     # The 20 x 20 box centred on (150, 160): a 60-px crop from x = 120 and y = 130.
