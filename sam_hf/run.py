@@ -417,17 +417,50 @@ def check_output_dir(
     )
 
 
+def reshard_for_workers(stream: datasets.IterableDataset, num_workers: int) -> datasets.IterableDataset:
+    """`stream`, split into more shards when it has fewer than `num_workers` and its format allows (Parquet: one shard
+    per row group).
+
+    Each dataloader worker reads whole shards of a stream, and `datasets` stops the workers that get none: a Hub
+    dataset stored in one Parquet file would be read and transformed by one worker however many were asked for.
+    """
+    if num_workers <= stream.num_shards:
+        return stream
+    try:
+        resharded = stream.reshard()
+    except (NotImplementedError, AttributeError):  # a format datasets cannot split, or datasets before reshard()
+        resharded = stream
+    if resharded.num_shards > stream.num_shards:
+        logger.info(
+            "--streaming: the training stream has %d shard(s) for %d dataloader workers; split into %d (Parquet row "
+            "groups) so that every worker reads.",
+            stream.num_shards,
+            num_workers,
+            resharded.num_shards,
+        )
+    if resharded.num_shards < num_workers:
+        logger.warning(
+            "--streaming: the training stream has %d shard(s), so only %d of the %d dataloader workers read it (each "
+            "reads whole shards). A dataset stored in more files or row groups is read by more workers.",
+            resharded.num_shards,
+            resharded.num_shards,
+            num_workers,
+        )
+    return resharded
+
+
 def streaming_splits(
-    source: datasets.IterableDatasetDict, data_args: DataArguments, seed: int
+    source: datasets.IterableDatasetDict, data_args: DataArguments, seed: int, num_workers: int = 0
 ) -> tuple[datasets.IterableDataset, datasets.Dataset | None]:
     """The streamed training split (shuffled through a buffer, reshuffled every epoch) and an evaluation split read
     into memory: `--eval_split` when the source has it, otherwise the first `--max_eval_samples` (default 32)
-    training rows, which the training stream then skips."""
+    training rows, which the training stream then skips. The training stream is split into at least `num_workers`
+    shards where its format allows (`reshard_for_workers`)."""
     if data_args.train_split not in source:
         raise ValueError(
             f"--train_split {data_args.train_split!r} is not a split of the dataset; splits: {', '.join(source)}."
         )
-    train = source[data_args.train_split]
+    train = reshard_for_workers(source[data_args.train_split], num_workers)
     n_eval = data_args.max_eval_samples
     if data_args.eval_split and data_args.eval_split in source:
         eval_stream = source[data_args.eval_split]
@@ -541,7 +574,9 @@ def run_training(
             streaming=data_args.streaming,
         )
         if data_args.streaming:
-            train_ds, eval_ds = streaming_splits(source, data_args, training_args.seed)
+            train_ds, eval_ds = streaming_splits(
+                source, data_args, training_args.seed, num_workers=training_args.dataloader_num_workers
+            )
         else:
             train_ds, eval_ds = split_source(
                 source,

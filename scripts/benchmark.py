@@ -8,6 +8,7 @@
     python scripts/benchmark.py --config vit-b --mode memory --num_images 64 --max_objects_per_image 8
     python scripts/benchmark.py --config vit-b --mode transform --num_images 16
     python scripts/benchmark.py --config tiny --mode passes --repeats 4
+    python scripts/benchmark.py --config vit-b --mode stream --num_images 150 --batch_size 4 --repeats 2
 
 `--device` defaults to `cuda` when a GPU is present. On CUDA the runs use bf16 autocast (`--precision`), a batch of
 4 images (`--batch_size`) and `min(8, CPUs - 1)` dataloader workers (`--num_workers`); on CPUs fp32, batch 1 and no
@@ -39,7 +40,9 @@ stored as sam_hf stores them (array bytes) and as an `Array3D` column read throu
 and the uncached transform (image decoding and preprocessing included) on one thread, as a dataloader worker runs it.
 `--mode decoder` times one decoder step for 1, 4 and 16 boxes in fp32 and bf16. `--mode passes` times a training step
 of one-object crops as the recipe adds decoder passes (box only, the point pass with point-only crops, background
-points); `--batch_size` crops per step, 16 by default in this mode.
+points); `--batch_size` crops per step, 16 by default in this mode. `--mode stream` times the training transform
+through `--num_workers` dataloader workers (2 by default in this mode) from the images stored as one Parquet file and
+streamed, as one shard and split per row group; best of `--repeats`.
 """
 
 from __future__ import annotations
@@ -646,6 +649,40 @@ def transform(args, ds) -> None:
     print(json.dumps(results))
 
 
+def stream(args, ds) -> None:
+    """Rows per second of the training transform through the dataloader from a stream stored as one Parquet file
+    (row groups of 10): as one shard (the workers but one stopped by datasets) against `reshard_for_workers`."""
+    from sam_hf.run import reshard_for_workers
+
+    work = tempfile.mkdtemp(prefix="sam_hf_bench_")
+    ds.remove_columns([c for c in ds.column_names if c not in ("image", "label")]).to_parquet(
+        f"{work}/train.parquet", batch_size=10
+    )
+    _, processor = build(args.config, args.seed, torch.device("cpu"))
+    transform = SamTransform(processor, train=True, box_jitter=20, max_objects_per_image=args.max_objects_per_image)
+    workers = args.num_workers or 2
+    result = {"config": args.config, "rows": len(ds), "num_workers": workers, "batch_size": args.batch_size}
+    for _ in range(args.repeats):
+        for name in ("one_shard", "resharded"):
+            rows = datasets.load_dataset("parquet", data_files={"train": f"{work}/train.parquet"}, streaming=True)
+            rows = rows["train"]
+            if name == "resharded":
+                rows = reshard_for_workers(rows, workers)
+            rows = index_objects(rows)
+            rows = rows.map(transform, batched=True, batch_size=16, remove_columns=rows.column_names)
+            loader = torch.utils.data.DataLoader(
+                rows, batch_size=args.batch_size, num_workers=workers, collate_fn=SamDataCollator()
+            )
+            start, n = time.perf_counter(), 0
+            for batch in loader:
+                n += len(batch["input_boxes"])
+            rate = n / (time.perf_counter() - start)
+            result[f"{name}_shards"], result[f"{name}_rows_read"] = rows.num_shards, n
+            result[f"{name}_rows_per_s"] = max(result.get(f"{name}_rows_per_s", 0.0), round(rate, 1))
+            print(f"{f'{name} ({rows.num_shards} shards), rows/s':<52}{rate:>14.1f}")
+    print(json.dumps(result))
+
+
 def memory(args, ds) -> None:
     """Peak RSS of training from cached embeddings, the cache built beforehand in a child process."""
     work = args.work_dir or tempfile.mkdtemp(prefix="sam_hf_bench_")
@@ -695,7 +732,7 @@ def main() -> None:
     parser.add_argument("--boxes", type=int, default=16, help="K, boxes per image for the inference comparison")
     parser.add_argument("--repeats", type=int, default=3, help="best of N (inference, decoder); passes: 8-step cycles")
     parser.add_argument("--seed", type=int, default=0)
-    modes = ["speed", "memory", "build_cache", "decoder", "transform", "passes"]
+    modes = ["speed", "memory", "build_cache", "decoder", "transform", "passes", "stream"]
     parser.add_argument("--mode", choices=modes, default="speed")
     parser.add_argument("--work_dir", default=None, help="memory mode: where the embedding cache goes")
     args = parser.parse_args()
@@ -720,6 +757,8 @@ def main() -> None:
     ds = index_objects(load_source(args.dataset_name)["train"].select(range(args.num_images)))
     if args.mode == "transform":
         return transform(args, ds)
+    if args.mode == "stream":
+        return stream(args, ds)
     if args.mode == "speed":
         return speed(args, ds)
     return memory(args, ds)

@@ -95,6 +95,16 @@ def test_transform_passes_and_decoder_modes(benchmark, capsys):
     assert all(result[f"{p}_{k}_boxes_s"] > 0 for p in ("fp32", "bf16") for k in (1, 4, 16))
 
 
+def test_stream_mode_reads_a_one_file_stream_with_every_worker(benchmark, capsys):
+    benchmark("--config", "tiny", "--device", "cpu", "--mode", "stream", "--num_images", "24", "--batch_size", "4",
+              "--num_workers", "2", "--repeats", "1")  # fmt: skip
+    result = _last_json(capsys)
+    # 24 images in row groups of 10: one file, three row groups.
+    assert (result["one_shard_shards"], result["resharded_shards"]) == (1, 3)
+    assert result["one_shard_rows_read"] == result["resharded_rows_read"] == 24
+    assert result["one_shard_rows_per_s"] > 0 and result["resharded_rows_per_s"] > 0
+
+
 def test_memory_mode_reuses_the_cache_a_child_process_built(benchmark, capsys, tmp_path):
     benchmark("--config", "tiny", "--device", "cpu", "--mode", "memory", "--num_images", "2",
               "--work_dir", str(tmp_path / "work"))  # fmt: skip

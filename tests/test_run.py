@@ -295,6 +295,42 @@ def test_streaming_trains_without_cache_and_evaluates(tiny_model_dir, nuclei_dir
         run_training(*parse_args(argv[: argv.index("--max_steps")] + ["--output_dir", str(tmp_path / "x")]))
 
 
+def test_a_one_file_stream_is_split_so_that_every_dataloader_worker_reads(nuclei_dir, tmp_path, caplog):
+    """A Hub dataset in one Parquet file is one shard: datasets would stop every dataloader worker but one."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    from sam_hf.config import DataArguments
+    from sam_hf.run import reshard_for_workers, streaming_splits
+
+    source = load_source(str(nuclei_dir))["train"]
+    source.to_parquet(tmp_path / "train.parquet", batch_size=4)
+    row_groups = pq.ParquetFile(tmp_path / "train.parquet").num_row_groups
+    assert row_groups == -(-len(source) // 4)
+
+    def stream():
+        return datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "train.parquet")}, streaming=True)
+
+    assert stream()["train"].num_shards == 1
+    data_args = DataArguments(dataset_name="parquet", streaming=True, validation_split_percentage=0)
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
+        train, _ = streaming_splits(stream(), data_args, seed=0, num_workers=4)
+    assert train.num_shards == row_groups
+    assert f"has 1 shard(s) for 4 dataloader workers; split into {row_groups}" in caplog.text
+    # Every row is still read once.
+    assert sorted(row["file_name"] for row in train) == sorted(source["file_name"])
+    # Enough shards already, or no workers: the stream is left as it is.
+    assert streaming_splits(stream(), data_args, seed=0)[0].num_shards == 1
+    assert reshard_for_workers(train, 4) is train
+    # A stream that cannot be split further: the workers that will idle are named.
+    caplog.clear()
+    two = datasets.Dataset.from_dict({"a": list(range(6))}).to_iterable_dataset(num_shards=2)
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
+        assert reshard_for_workers(two, 4).num_shards == 2
+    assert "only 2 of the 4 dataloader workers read it" in caplog.text
+
+
 def test_training_summary_by_hand():
     metrics = {
         "base_eval_dice": 0.4985, "base_eval_iou": 0.3782, "base_eval_box_baseline_dice": 0.8402,
