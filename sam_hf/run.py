@@ -9,9 +9,11 @@ import re
 import shlex
 import shutil
 import sys
+import zlib
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -449,24 +451,42 @@ def reshard_for_workers(stream: datasets.IterableDataset, num_workers: int) -> d
     return resharded
 
 
+def _image_key(image: Any) -> tuple:
+    """A decoded image's identity in a stream: its shape and a checksum of its pixels."""
+    pixels = np.ascontiguousarray(np.asarray(image))
+    return pixels.shape, str(pixels.dtype), zlib.crc32(pixels)
+
+
+def _undecoded(ds: datasets.Dataset | datasets.IterableDataset) -> tuple[Any, dict[str, datasets.Image]]:
+    """`ds` with its decoded `Image` columns left encoded, and those columns' features to put back."""
+    images = {c: f for c, f in (ds.features or {}).items() if isinstance(f, datasets.Image) and f.decode}
+    for column in images:
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds, images
+
+
 def streaming_splits(
     source: datasets.IterableDatasetDict, data_args: DataArguments, seed: int, num_workers: int = 0
 ) -> tuple[datasets.IterableDataset, datasets.Dataset | None]:
     """The streamed training split (shuffled through a buffer, reshuffled every epoch) and an evaluation split read
     into memory: `--eval_split` when the source has it, otherwise the first `--max_eval_samples` (default 32)
-    training rows, which the training stream then skips. The training stream is split into at least `num_workers`
-    shards where its format allows (`reshard_for_workers`)."""
+    training rows, whose images the training stream then leaves out. The training stream is split into at least
+    `num_workers` shards where its format allows (`reshard_for_workers`).
+
+    The evaluation rows are left out by image rather than with `IterableDataset.skip`: `datasets` spreads a skip over
+    the dataloader workers (each skips its share of its own shards), so with several workers some evaluation rows
+    would be trained on and as many training rows lost.
+    """
     if data_args.train_split not in source:
         raise ValueError(
             f"--train_split {data_args.train_split!r} is not a split of the dataset; splits: {', '.join(source)}."
         )
     train = reshard_for_workers(source[data_args.train_split], num_workers)
-    n_eval = data_args.max_eval_samples
+    n_eval, carved = data_args.max_eval_samples, False
     if data_args.eval_split and data_args.eval_split in source:
         eval_stream = source[data_args.eval_split]
     elif data_args.validation_split_percentage:
-        n_eval = n_eval or 32
-        eval_stream, train = train.take(n_eval), train.skip(n_eval)
+        n_eval, carved, eval_stream = n_eval or 32, True, train
         logger.info(
             "Streaming without a %r split: the first %d training rows are the evaluation split",
             data_args.eval_split,
@@ -474,13 +494,20 @@ def streaming_splits(
         )
     else:
         eval_stream = None
-    if data_args.max_train_samples is not None:
-        train = train.take(data_args.max_train_samples)
     eval_ds = None
     if eval_stream is not None:
-        eval_stream = eval_stream.take(n_eval) if n_eval else eval_stream
+        # Read with images still encoded: they are stored as they came, not decoded and encoded again.
+        eval_stream, images = _undecoded(eval_stream.take(n_eval) if n_eval else eval_stream)
         eval_ds = datasets.Dataset.from_list(list(eval_stream), features=eval_stream.features)
+        for column, feature in images.items():
+            eval_ds = eval_ds.cast_column(column, feature)
+        if carved:
+            # In the dataloader workers, on the images they decode anyway.
+            held_out = {_image_key(image) for image in eval_ds["image"]}
+            train = train.filter(lambda image: _image_key(image) not in held_out, input_columns="image")
         logger.info("Read %d evaluation rows from the stream into memory", len(eval_ds))
+    if data_args.max_train_samples is not None:
+        train = train.take(data_args.max_train_samples)
     return train.shuffle(seed=seed, buffer_size=1000), eval_ds
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -320,6 +321,17 @@ def test_a_one_file_stream_is_split_so_that_every_dataloader_worker_reads(nuclei
     assert f"has 1 shard(s) for 4 dataloader workers; split into {row_groups}" in caplog.text
     # Every row is still read once.
     assert sorted(row["file_name"] for row in train) == sorted(source["file_name"])
+    # The evaluation rows carved from the stream are left out of training in every dataloader worker, and only they.
+    # (IterableDataset.skip spreads over the workers: here one evaluation row was trained on and one row lost.)
+    carve = DataArguments(dataset_name="parquet", streaming=True, max_eval_samples=3)
+    train, eval_ds = streaming_splits(stream(), carve, seed=0, num_workers=2)
+    assert train.num_shards == row_groups and len(eval_ds) == 3
+    held_out = eval_ds["file_name"]
+    assert held_out == source["file_name"][:3]  # the first rows of the file
+    loader = torch.utils.data.DataLoader(train.select_columns(["file_name"]), batch_size=None, num_workers=2)
+    assert sorted(row["file_name"] for row in loader) == sorted(source["file_name"][3:])
+    # The evaluation images come back decoded, as the source's.
+    np.testing.assert_array_equal(np.asarray(eval_ds[0]["image"]), np.asarray(source[0]["image"]))
     # Enough shards already, or no workers: the stream is left as it is.
     assert streaming_splits(stream(), data_args, seed=0)[0].num_shards == 1
     assert reshard_for_workers(train, 4) is train
