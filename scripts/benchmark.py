@@ -82,6 +82,7 @@ from sam_hf import (
 )
 from sam_hf.cache import add_image_embeddings, default_embedding_batch_size
 from sam_hf.data import (
+    LABEL_PAD,
     index_objects,
     load_source,
     mask_to_instances,
@@ -508,7 +509,7 @@ def passes(args) -> None:
         "input_boxes": torch.cat([centres - vision.image_size / 8, centres + vision.image_size / 8], dim=-1),
         "input_points": centres[:, :, None],
         "input_labels": torch.ones(b, 1, 1, dtype=torch.long),
-        "labels": targets.masked_fill(point_only[:, None, None, None], -100.0),
+        "labels": targets.masked_fill(point_only[:, None, None, None], LABEL_PAD),
         "point_labels": targets,
         "point_only": point_only,
         "background_points": torch.rand(b, 1, 1, 2, generator=gen) * vision.image_size,
@@ -584,16 +585,20 @@ def transform(args, ds) -> None:
     model.get_image_embeddings = same_random_embeddings
     cached = add_image_embeddings(ds, model, processor.image_processor, cache_dir=f"{work}/cache")
     results = {"config": args.config, "rows": len(ds), "embedding_shape": list(shape)}
-    for name, table in (("array_bytes", cached), ("array3d_python", array3d)):
-        train = table.remove_columns("image").with_transform(
-            SamTransform(processor, train=True, box_jitter=20, max_objects_per_image=args.max_objects_per_image)
+
+    def ms_per_row(table: datasets.Dataset, proc: SamProcessor, key: str, label: str) -> None:
+        rows = table.with_transform(
+            SamTransform(proc, train=True, box_jitter=20, max_objects_per_image=args.max_objects_per_image)
         )
-        train[0]
+        rows[0]  # warm-up
         start = time.perf_counter()
-        for i in range(len(train)):
-            train[i]
-        results[f"{name}_ms_per_row"] = round((time.perf_counter() - start) / len(train) * 1000, 2)
-        print(f"{f'cached transform, {name}, ms per row':<52}{results[f'{name}_ms_per_row']:>14}")
+        for i in range(len(rows)):
+            rows[i]
+        results[key] = round((time.perf_counter() - start) / len(rows) * 1000, 2)
+        print(f"{f'{label}, ms per row':<52}{results[key]:>14}")
+
+    for name, table in (("array_bytes", cached), ("array3d_python", array3d)):
+        ms_per_row(table.remove_columns("image"), processor, f"{name}_ms_per_row", f"cached transform, {name}")
     results["speedup"] = round(results["array3d_python_ms_per_row"] / results["array_bytes_ms_per_row"], 1)
     # Without the cache (`--cache_embeddings false`, or a trained encoder) a row decodes and preprocesses its image:
     # timed with one thread, as a DataLoader worker runs it, with the torchvision-backed processor (what
@@ -604,24 +609,11 @@ def transform(args, ds) -> None:
     torch.set_num_threads(1)
     try:
         for name, backend in (("torchvision", SamImageProcessor), ("pil", SamImageProcessorPil)):
-            uncached = ds.with_transform(
-                SamTransform(
-                    SamProcessor(image_processor=backend(**sizes)),
-                    train=True,
-                    box_jitter=20,
-                    max_objects_per_image=args.max_objects_per_image,
-                )
-            )
-            uncached[0]
-            start = time.perf_counter()
-            for i in range(len(uncached)):
-                uncached[i]
-            ms = results[f"uncached_{name}_ms_per_row"] = round((time.perf_counter() - start) / len(uncached) * 1e3, 2)
-            print(f"{f'uncached transform, {name} processor, ms per row':<52}{ms:>14}")
+            backend_processor = SamProcessor(image_processor=backend(**sizes))
+            ms_per_row(ds, backend_processor, f"uncached_{name}_ms_per_row", f"uncached transform, {name} processor")
     finally:
         torch.set_num_threads(threads)
     # Labels of the sampled objects, the two ways, on the same rows and objects.
-    ip = processor.image_processor
     edge, pad = ip.mask_size["longest_edge"], ip.mask_pad_size["height"]
     rows = []
     for row in ds:
