@@ -12,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 NUCLEI = REPO / "data" / "nuclei_demo"
+# The committed pretrained tiny base, whose masks follow their prompts (a fresh random model's logits are about 1e-4).
+TINY_BASE = REPO / "models" / "tiny-sam-base"
 
 
 def launch_two_processes(model_dir, dataset_dir, out, cache_dir, train_args: str, *extra: str) -> str:

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_BASE
 from PIL import Image
 
 from sam_hf.autolabel import AutolabelArguments, contact_sheet, instance_map, run_autolabel
 from sam_hf.cli import main
 from sam_hf.data import index_objects, load_source, mask_to_instances
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_BASE = REPO / "models" / "tiny-sam-base"
 
 
 def _box(shape, y0, y1, x0, x1):

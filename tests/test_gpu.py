@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import TINY_BASE
 from transformers import SamModel, SamProcessor
 
 from sam_hf import SamDataCollator, SamDiceCELoss, SamTransform, freeze_modules
@@ -13,11 +12,6 @@ from sam_hf.cache import add_image_embeddings, read_embedding
 from sam_hf.data import index_objects, load_source
 
 pytestmark = pytest.mark.gpu
-
-REPO = Path(__file__).resolve().parent.parent
-# The pretrained tiny base: its logits are of order 10, where a fresh random model's are of order 1e-4 and any two
-# results would agree within an absolute tolerance.
-TINY_BASE = REPO / "models" / "tiny-sam-base"
 
 
 def full_fp32():

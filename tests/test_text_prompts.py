@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BASE
 from PIL import Image
 
 from sam_hf.inference import SamPredictor
 from sam_hf.text_prompts import TextPrompter, heatmap_to_boxes
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_BASE = REPO / "models" / "tiny-sam-base"
 
 
 def two_blobs() -> np.ndarray:
