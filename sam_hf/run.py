@@ -428,9 +428,10 @@ def reshard_for_workers(stream: datasets.IterableDataset, num_workers: int) -> d
     """
     if num_workers <= stream.num_shards:
         return stream
+    reshard = getattr(stream, "reshard", None)  # not in older datasets
     try:
-        resharded = stream.reshard()
-    except (NotImplementedError, AttributeError):  # a format datasets cannot split, or datasets before reshard()
+        resharded = reshard() if reshard is not None else stream
+    except NotImplementedError:  # a format datasets cannot split
         resharded = stream
     if resharded.num_shards > stream.num_shards:
         logger.info(
