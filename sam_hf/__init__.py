@@ -12,30 +12,30 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DataArguments": "config",
-    "ModelArguments": "config",
-    "SamArguments": "config",
-    "SamDataCollator": "data",
-    "SamTransform": "data",
-    "boxes_from_instances": "data",
-    "jitter_boxes": "data",
-    "load_source": "data",
-    "mask_to_instances": "data",
-    "PromptError": "inference",
-    "SamPrediction": "inference",
-    "SamPredictor": "inference",
-    "label_image": "inference",
-    "SamDiceCELoss": "loss",
-    "compute_metrics": "metrics",
-    "count_parameters": "modeling",
-    "freeze_modules": "modeling",
-    "init_sam_model": "modeling",
-    "load_model_and_processor": "modeling",
-    "tiny_sam_config": "modeling",
-    "tiny_sam_processor": "modeling",
-    "parse_args": "run",
-    "run_training": "run",
-    "SamTrainer": "trainer",
+    "DataArguments": "config.arguments",
+    "ModelArguments": "config.arguments",
+    "SamArguments": "config.arguments",
+    "SamDataCollator": "data.collator",
+    "SamTransform": "data.transforms",
+    "boxes_from_instances": "core.masks",
+    "jitter_boxes": "data.transforms",
+    "load_source": "data.sources",
+    "mask_to_instances": "core.masks",
+    "PromptError": "core.prompts",
+    "SamPrediction": "inference.predictor",
+    "SamPredictor": "inference.predictor",
+    "label_image": "core.masks",
+    "SamDiceCELoss": "training.loss",
+    "compute_metrics": "training.metrics",
+    "count_parameters": "family.modeling",
+    "freeze_modules": "family.modeling",
+    "init_sam_model": "family.modeling",
+    "load_model_and_processor": "family.modeling",
+    "tiny_sam_config": "family.tiny",
+    "tiny_sam_processor": "family.tiny",
+    "parse_args": "config.parser",
+    "run_training": "training.run",
+    "SamTrainer": "training.trainer",
 }
 
 __all__ = [
@@ -80,18 +80,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .config import DataArguments, ModelArguments, SamArguments
-    from .data import SamDataCollator, SamTransform, boxes_from_instances, jitter_boxes, load_source, mask_to_instances
-    from .inference import PromptError, SamPrediction, SamPredictor, label_image
-    from .loss import SamDiceCELoss
-    from .metrics import compute_metrics
-    from .modeling import (
-        count_parameters,
-        freeze_modules,
-        init_sam_model,
-        load_model_and_processor,
-        tiny_sam_config,
-        tiny_sam_processor,
-    )
-    from .run import parse_args, run_training
-    from .trainer import SamTrainer
+    from .config.arguments import DataArguments, ModelArguments, SamArguments
+    from .config.parser import parse_args
+    from .core.masks import boxes_from_instances, label_image, mask_to_instances
+    from .core.prompts import PromptError
+    from .data.collator import SamDataCollator
+    from .data.sources import load_source
+    from .data.transforms import SamTransform, jitter_boxes
+    from .family.modeling import count_parameters, freeze_modules, init_sam_model, load_model_and_processor
+    from .family.tiny import tiny_sam_config, tiny_sam_processor
+    from .inference.predictor import SamPrediction, SamPredictor
+    from .training.loss import SamDiceCELoss
+    from .training.metrics import compute_metrics
+    from .training.run import run_training
+    from .training.trainer import SamTrainer

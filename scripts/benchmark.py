@@ -47,12 +47,17 @@ streamed, as one shard and split per row group; best of `--repeats`.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# scripts/evaluate.py shares its name with the `evaluate` library; keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import os
 import resource
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -80,17 +85,13 @@ from sam_hf import (
     tiny_sam_config,
     tiny_sam_processor,
 )
-from sam_hf.cache import add_image_embeddings, default_embedding_batch_size
-from sam_hf.data import (
-    LABEL_PAD,
-    index_objects,
-    load_source,
-    mask_to_instances,
-    object_labels,
-    resize_and_pad_masks,
-    resized_shape,
-)
-from sam_hf.modeling import freeze_unused_decoder_outputs
+from sam_hf.core.images import resized_shape
+from sam_hf.core.masks import mask_to_instances
+from sam_hf.data.cache import add_image_embeddings, default_embedding_batch_size
+from sam_hf.data.indexing import index_objects
+from sam_hf.data.sources import load_source
+from sam_hf.data.transforms import LABEL_PAD, object_labels, resize_and_pad_masks
+from sam_hf.family.modeling import freeze_unused_decoder_outputs
 
 VIT_H = {
     "hidden_size": 1280,
@@ -644,7 +645,7 @@ def transform(args, ds) -> None:
 def stream(args, ds) -> None:
     """Rows per second of the training transform through the dataloader from a stream stored as one Parquet file
     (row groups of 10): as one shard (the workers but one stopped by datasets) against `reshard_for_workers`."""
-    from sam_hf.run import reshard_for_workers
+    from sam_hf.data.streaming import reshard_for_workers
 
     work = tempfile.mkdtemp(prefix="sam_hf_bench_")
     ds.remove_columns([c for c in ds.column_names if c not in ("image", "label")]).to_parquet(

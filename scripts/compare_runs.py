@@ -11,8 +11,13 @@ better, for losses lower.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
+
+# scripts/evaluate.py shares its name with the `evaluate` library; keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from sam_hf.viz import compare_runs, runs_table_markdown, save_figure
+    from sam_hf.viz.plots import compare_runs, runs_table_markdown, save_figure
 
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise SystemExit(f"--labels needs one name per run: got {len(args.labels)} for {len(args.runs)} runs.")

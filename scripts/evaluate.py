@@ -17,10 +17,12 @@ from pathlib import Path
 # library.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from transformers import HfArgumentParser  # noqa: E402
+from transformers import HfArgumentParser
 
-from sam_hf.config import DataArguments  # noqa: E402
-from sam_hf.evaluation import EvaluateArguments, run_evaluation, to_markdown  # noqa: E402
+from sam_hf.config.arguments import DataArguments
+from sam_hf.evaluation.arguments import EvaluateArguments
+from sam_hf.evaluation.report import to_markdown
+from sam_hf.evaluation.run import run_evaluation
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)

@@ -12,13 +12,18 @@ back empty is logged as a warning naming the image and the prompt.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# scripts/evaluate.py shares its name with the `evaluate` library; keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import json
 import logging
-import sys
 
 from transformers import HfArgumentParser
 
-from sam_hf.predict import PredictArguments, run_prediction
+from sam_hf.apps.predict import PredictArguments, run_prediction
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)

@@ -3,8 +3,8 @@
 
 The offline demo cannot download `facebook/sam-*`, and a randomly initialised SAM does not learn box conditioning
 on a CPU in minutes. This script plays the part of SAM's own pretraining at toy scale: it trains every module of a
-`tiny_sam_config()` model on synthetic images (`sam_hf.synthetic`: ellipses and blobs, no microscopy), with the same
-sam_hf training job the users run. It is run once; its small weights are committed, and the demo fine-tunes them
+`tiny_sam_config()` model on synthetic images (`sam_hf.data.synthetic`: ellipses and blobs, no microscopy), with the
+same sam_hf training job the users run. It is run once; its small weights are committed, and the demo fine-tunes them
 like users fine-tune `facebook/sam-*`.
 
 The committed base (`tiny_sam_config(patch_size=8, window_size=8)`: 256-px input, 32x32 embedding grid, 128x128
@@ -77,10 +77,15 @@ Recipe notes, measured on 2 CPU cores:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# scripts/evaluate.py shares its name with the `evaluate` library; keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import shutil
 import tempfile
-from pathlib import Path
 
 import datasets
 import torch
@@ -88,8 +93,8 @@ import torch.nn.functional as F
 from transformers import SamModel, TrainingArguments, set_seed
 
 from sam_hf import DataArguments, ModelArguments, SamArguments, run_training, tiny_sam_config, tiny_sam_processor
-from sam_hf.modeling import init_sam_model
-from sam_hf.synthetic import synthetic_dataset
+from sam_hf.data.synthetic import synthetic_dataset
+from sam_hf.family.modeling import init_sam_model
 
 
 def finer_patches(model: SamModel, patch_size: int, window_size: int) -> SamModel:

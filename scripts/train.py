@@ -14,9 +14,10 @@ from pathlib import Path
 # scripts/evaluate.py shares its name with the `evaluate` library; keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import torch  # noqa: E402
+import torch
 
-from sam_hf.run import parse_args, run_training  # noqa: E402
+from sam_hf.config.parser import parse_args
+from sam_hf.training.run import run_training
 
 
 def main() -> None:

@@ -13,9 +13,14 @@ nuclei of the example in docs/text-prompts.md (IoU >= 0.5), against 8 after 1,00
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# scripts/evaluate.py shares its name with the `evaluate` library; keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +33,9 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from sam_hf.data import load_source, mask_to_instances, split_source, to_rgb_array
+from sam_hf.core.images import to_rgb_array
+from sam_hf.core.masks import mask_to_instances
+from sam_hf.data.sources import load_source, split_source
 
 logger = logging.getLogger(__name__)
 SIZE = 128

@@ -78,7 +78,8 @@ def nuclei_dir() -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_model_dir, nuclei_dir, tmp_path_factory):
     """A short `scripts/train.py` run on the nuclei demo data: `(output_dir, metrics)`."""
-    from sam_hf.run import parse_args, run_training
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.run import run_training
 
     out = tmp_path_factory.mktemp("run")
     argv = [

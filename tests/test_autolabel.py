@@ -12,9 +12,12 @@ import pytest
 from conftest import TINY_BASE
 from PIL import Image
 
-from sam_hf.autolabel import AutolabelArguments, contact_sheet, instance_map, run_autolabel
-from sam_hf.cli import main
-from sam_hf.data import index_objects, load_source, mask_to_instances
+from sam_hf.apps.autolabel import AutolabelArguments, run_autolabel
+from sam_hf.apps.cli import main
+from sam_hf.core.masks import instance_map, mask_to_instances
+from sam_hf.data.indexing import index_objects
+from sam_hf.data.sources import load_source
+from sam_hf.viz.overlays import contact_sheet
 
 
 def _box(shape, y0, y1, x0, x1):
@@ -157,13 +160,13 @@ def test_a_model_tuned_on_object_crops_refines_each_mask_on_its_crop(images_dir,
     from transformers import pipeline
 
     from sam_hf import SamPredictor
-    from sam_hf.tiling import refine_on_object_crops
+    from sam_hf.inference.windowed import refine_on_object_crops
 
     model_dir = tmp_path / "crop-model"
     shutil.copytree(TINY_BASE, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "object_crop_scale": 7}))
-    with caplog.at_level(logging.INFO, logger="sam_hf.autolabel"):
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
         report = run_autolabel(_args(images_dir, tmp_path / "out", model=str(model_dir), max_images=1, device="cpu"))
     assert "was tuned on object crops (config.json object_crop_scale 7)" in caplog.text
     assert report["settings"]["object_crop_scale"] == 7
@@ -217,7 +220,7 @@ def test_images_without_objects_are_written_empty_and_warned(images_dir, tmp_pat
 
     import torch
 
-    import sam_hf.autolabel as autolabel
+    import sam_hf.apps.autolabel as autolabel
 
     def no_masks(image, **kwargs):
         return {"masks": [], "scores": torch.zeros(0)}
@@ -226,7 +229,7 @@ def test_images_without_objects_are_written_empty_and_warned(images_dir, tmp_pat
 
     model = SimpleNamespace(config=SimpleNamespace())  # tuned without object crops: no refinement
     monkeypatch.setattr(autolabel, "_mask_generator", lambda args: (no_masks, SimpleNamespace(model=model)))
-    with caplog.at_level(logging.WARNING, logger="sam_hf.autolabel"):
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
         report = run_autolabel(_args(images_dir, tmp_path / "out"))
     assert report["num_objects"] == 0
     for name in report["images"]:

@@ -19,7 +19,7 @@ import torch
 from conftest import NUCLEI, REPO
 
 from sam_hf import tiny_sam_config
-from sam_hf.data import load_source
+from sam_hf.data.sources import load_source
 
 
 @pytest.fixture

@@ -11,8 +11,10 @@ from PIL import Image
 from transformers import SamModel, SamProcessor
 
 from sam_hf import SamDataCollator, SamDiceCELoss, SamTransform, freeze_modules
-from sam_hf.cache import add_image_embeddings, read_embedding
-from sam_hf.data import index_objects, load_source, scale_coords
+from sam_hf.core.images import scale_coords
+from sam_hf.data.cache import add_image_embeddings, read_embedding
+from sam_hf.data.indexing import index_objects
+from sam_hf.data.sources import load_source
 
 
 @pytest.fixture()
@@ -177,8 +179,8 @@ def test_damaged_cache_is_moved_aside_and_rebuilt(tiny_model_dir, small_folder, 
 
 
 def test_damage_found_when_reading_stops_training(tiny_model_dir, small_folder, tmp_path, monkeypatch):
-    import sam_hf.cache as cache_module
-    from sam_hf.run import quarantine_damaged
+    import sam_hf.data.cache as cache_module
+    from sam_hf.data.cache import quarantine_damaged
 
     monkeypatch.setattr(cache_module, "VERIFY_ON_OPEN_MAX_BYTES", 0)  # a large cache: checked per row, when read
     cache = tmp_path / "cache"
@@ -232,7 +234,7 @@ def test_cache_build_refuses_without_disk_space(tiny_model_dir, small_folder, tm
     import shutil as shutil_module
 
     usage = shutil_module.disk_usage(tmp_path)
-    monkeypatch.setattr("sam_hf.cache.shutil.disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr("sam_hf.data.cache.shutil.disk_usage", lambda p: usage._replace(free=1000))
     ds = index_objects(load_source(str(small_folder))["train"])
     with pytest.raises(OSError, match=r"Not enough disk space .* --embedding_cache_dir"):
         add_image_embeddings(

@@ -11,18 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_hf.coco import (
-    decode_rle,
-    encode_rle,
-    find_coco_file,
-    index_coco,
-    load_coco,
-    polygons_to_mask,
-    rle_counts_to_string,
-    rle_string_to_counts,
-    write_coco,
-)
-from sam_hf.data import index_objects, load_source, mask_to_instances
+from sam_hf.core.masks import mask_to_instances
+from sam_hf.core.rle import decode_rle, encode_rle, polygons_to_mask, rle_counts_to_string, rle_string_to_counts
+from sam_hf.data.coco import find_coco_file, index_coco, load_coco
+from sam_hf.data.coco_export import write_coco
+from sam_hf.data.indexing import index_objects
+from sam_hf.data.sources import load_source
 
 # (run lengths, pycocotools string). Small counts are chr(48 + count); from the fourth count on the difference to
 # the count two places earlier is stored; 100 = 4 + 3 * 32 is "T" (48 + 4 + 0x20 for "more") then "3"; a difference
@@ -146,7 +140,7 @@ def make_coco(root, images=("a", "b", "c"), missing=("d",), annotations=None):
 
 def test_load_source_reads_coco_like_an_image_folder(tmp_path, caplog):
     make_coco(tmp_path / "coco")
-    with caplog.at_level(logging.WARNING, logger="sam_hf.coco"):
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
         dsd = load_source(str(tmp_path / "coco"))
     ds = dsd["train"]
     assert list(dsd) == ["train"] and ds.column_names == ["image", "label", "file_name"]
@@ -193,7 +187,7 @@ def test_overlapping_annotations_smaller_wins_and_hidden_ones_are_logged(tmp_pat
         {"id": 3, "image_id": 1, "segmentation": [[20, 20, 21, 20, 21, 20.2]]},  # no pixel centre inside
     ]
     make_coco(tmp_path / "c", images=("a",), missing=(), annotations=annotations)
-    with caplog.at_level(logging.WARNING, logger="sam_hf.coco"):
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
         label = np.asarray(load_coco(tmp_path / "c")[0]["label"])
     assert np.bincount(label.ravel(), minlength=3).tolist()[1:] == [84, 16]
     assert "1 annotation(s) have no visible pixel" in caplog.text and "ids 3" in caplog.text
@@ -244,7 +238,7 @@ def test_folder_with_masks_and_instances_json_stays_an_image_folder(tmp_path, nu
     root = tmp_path / "both"
     shutil.copytree(nuclei_dir, root, ignore=shutil.ignore_patterns("*.csv", "*.md"))
     (root / "instances.json").write_text("{}")
-    with caplog.at_level(logging.WARNING, logger="sam_hf.coco"):
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
         assert find_coco_file(root) is None
         assert len(load_source(str(root))["train"]) == 32
     assert "reading it as an image folder" in caplog.text
@@ -271,7 +265,8 @@ def test_write_coco_round_trip_reproduces_the_instance_maps(tmp_path, nuclei_dir
 
 
 def test_training_runs_on_a_coco_source(tmp_path, tiny_model_dir, nuclei_dir):
-    from sam_hf.run import parse_args, run_training
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.run import run_training
 
     write_coco(load_source(str(nuclei_dir))["train"].select(range(4)), tmp_path / "coco")
     argv = f"--model_name_or_path {tiny_model_dir} --dataset_name {tmp_path / 'coco'} --mask_type instance "

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sam_hf.run import parse_args, run_training
+from sam_hf.config.parser import parse_args
+from sam_hf.training.run import run_training
 
 
 @pytest.mark.slow

@@ -19,14 +19,11 @@ from sam_hf import (
     tiny_sam_config,
     tiny_sam_processor,
 )
-from sam_hf.data import (
-    SamDataCollator,
-    index_objects,
-    load_image_folder,
-    resize_and_pad_masks,
-    resized_shape,
-    to_rgb_array,
-)
+from sam_hf.core.images import resized_shape, to_rgb_array
+from sam_hf.data.collator import SamDataCollator
+from sam_hf.data.indexing import index_objects
+from sam_hf.data.sources import load_image_folder
+from sam_hf.data.transforms import resize_and_pad_masks
 
 
 def test_boxes_match_hand_computed():
@@ -244,7 +241,7 @@ def test_missing_column_and_mismatched_row(tmp_path):
 
 
 def test_saved_dataset_dict_uses_its_eval_split_and_seeded_carving(tmp_path):
-    from sam_hf.data import split_source
+    from sam_hf.data.sources import split_source
 
     def part(n, offset):
         imgs, masks = [], []
@@ -270,7 +267,7 @@ def test_saved_dataset_dict_uses_its_eval_split_and_seeded_carving(tmp_path):
 
 
 def test_areas_and_fill_the_box_baseline_by_hand():
-    from sam_hf.run import box_baseline_dice
+    from sam_hf.training.report import box_baseline_dice
 
     inst = np.zeros((10, 10), np.uint16)
     inst[0:4, 0:4] = 1  # a full 4x4 square: its box is itself, Dice 1
@@ -287,7 +284,7 @@ def test_areas_and_fill_the_box_baseline_by_hand():
 def test_point_prompts_lie_inside_their_objects(nuclei_dir, tiny_model_dir):
     from transformers import SamProcessor
 
-    from sam_hf.data import SamDataCollator
+    from sam_hf.data.collator import SamDataCollator
 
     processor = SamProcessor.from_pretrained(tiny_model_dir)
     ds = index_objects(load_source(str(nuclei_dir))["train"].select(range(2)))
@@ -313,8 +310,8 @@ def test_point_prompts_lie_inside_their_objects(nuclei_dir, tiny_model_dir):
 def test_background_points_and_point_only_rows(nuclei_dir, tiny_model_dir):
     from transformers import SamProcessor
 
-    from sam_hf.data import SamDataCollator
-    from sam_hf.tiling import crop_objects
+    from sam_hf.data.collator import SamDataCollator
+    from sam_hf.data.windows import crop_objects
 
     processor = SamProcessor.from_pretrained(tiny_model_dir)
     source = load_source(str(nuclei_dir))["train"].select(range(2))
@@ -381,7 +378,8 @@ def test_an_image_without_background_gets_no_background_point(tiny_model_dir):
 def test_object_labels_equal_full_frame_resize(shape):
     from scipy import ndimage
 
-    from sam_hf.data import boxes_from_instances, object_labels
+    from sam_hf.core.masks import boxes_from_instances
+    from sam_hf.data.transforms import object_labels
 
     rng = np.random.default_rng(sum(shape))
     blobs = ndimage.gaussian_filter(rng.random(shape), 2) > 0.52

@@ -36,7 +36,11 @@ def test_mkdocs_build_strict(tmp_path):
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     api = (site / "api" / "index.html").read_text()
-    for name in ("sam_hf.viz.plot_base_vs_tuned", "sam_hf.inference.SamPredictor", "sam_hf.trainer.SamTrainer"):
+    for name in (
+        "sam_hf.viz.plots.plot_base_vs_tuned",
+        "sam_hf.inference.predictor.SamPredictor",
+        "sam_hf.training.trainer.SamTrainer",
+    ):
         assert f'id="{name}"' in api, name
     assert "`float`" not in api  # HF-style argument types are rendered as types, not as raw markdown
     for page in ("ja/index.html", "ja/quickstart/index.html", "ja/training/index.html", "ja/inference/index.html"):
@@ -158,20 +162,21 @@ def test_commands_use_the_venv(page):
 
 
 def test_readme_commands_parse_and_name_what_exists(monkeypatch):
-    """Each README command, in order: its script exists, its flags parse with the script's own parser (nothing
-    runs), and every model, run, image and dataset it reads exists in the repository or is written by an earlier
-    command. Boxes given to predict.py are boxes of real objects of the image."""
+    """Each command of the README, then of the quickstart page (which holds the commands to run after the demo), in
+    order: its script exists, its flags parse with the script's own parser (nothing runs), and every model, run, image
+    and dataset it reads exists in the repository or is written by an earlier command. Boxes given to predict.py are
+    boxes of real objects of the image."""
     import numpy as np
     import yaml
     from PIL import Image
     from transformers import HfArgumentParser
 
-    from sam_hf.cli import build_parser
-    from sam_hf.config import DataArguments
-    from sam_hf.data import boxes_from_instances, mask_to_instances
-    from sam_hf.evaluation import EvaluateArguments
-    from sam_hf.predict import PredictArguments, parse_coordinates
-    from sam_hf.run import parse_args
+    from sam_hf.apps.cli import build_parser
+    from sam_hf.apps.predict import PredictArguments, parse_coordinates
+    from sam_hf.config.arguments import DataArguments
+    from sam_hf.config.parser import parse_args
+    from sam_hf.core.masks import boxes_from_instances, mask_to_instances
+    from sam_hf.evaluation.arguments import EvaluateArguments
 
     monkeypatch.chdir(REPO)
     created: set[str] = set()
@@ -181,7 +186,8 @@ def test_readme_commands_parse_and_name_what_exists(monkeypatch):
         return (REPO / path).exists() or any(path == c or path.startswith(c + "/") for c in created)
 
     checked = set()
-    for command in _shell_commands((REPO / "README.md").read_text()):
+    pages = ("README.md", "docs/quickstart.md")
+    for command in [c for page in pages for c in _shell_commands((REPO / page).read_text())]:
         if "<" in command:  # a template with placeholders (real use on the Hub)
             continue
         argv = _argv(command)

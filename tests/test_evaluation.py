@@ -11,11 +11,15 @@ import pytest
 import torch
 from transformers import SamModel, SamProcessor, TrainingArguments
 
-import sam_hf.object_metrics
+import sam_hf.evaluation.object_metrics
 from sam_hf import SamDataCollator, SamPredictor, SamTrainer, SamTransform
-from sam_hf.data import boxes_from_instances, index_objects, load_source, mask_to_instances
-from sam_hf.evaluation import evaluate_models, load_object_metrics, parse_model_specs, summarize, to_markdown
-from sam_hf.metrics import compute_metrics
+from sam_hf.core.masks import boxes_from_instances, mask_to_instances
+from sam_hf.data.indexing import index_objects
+from sam_hf.data.sources import load_source
+from sam_hf.evaluation.arguments import parse_model_specs
+from sam_hf.evaluation.boxes import evaluate_models, load_object_metrics
+from sam_hf.evaluation.report import summarize, to_markdown
+from sam_hf.training.metrics import compute_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,7 +42,7 @@ def _numpy_dice_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     ],
 )
 def test_object_metrics_module_by_hand(pred, ref, dice, iou):
-    metric = evaluate.load(sam_hf.object_metrics.__file__)  # by path: no Hub
+    metric = evaluate.load(sam_hf.evaluation.object_metrics.__file__)  # by path: no Hub
     out = metric.compute(predictions=[pred], references=[ref], return_per_object=True)
     assert out["mean_dice"] == pytest.approx(dice) and out["mean_iou"] == pytest.approx(iou)
     assert out["num_objects"] == 1 and out["area"][0] == np.sum(ref)
@@ -183,7 +187,7 @@ def test_evaluate_script_writes_json_and_markdown(tiny_model_dir, trained_run, n
 def test_automatic_mask_evaluation_against_numpy(eval_images, tiny_model_dir):
     from transformers import pipeline
 
-    from sam_hf.evaluation import evaluate_automatic
+    from sam_hf.evaluation.automatic import evaluate_automatic
 
     subset = eval_images.select(range(1))
     settings = {"points_per_crop": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -201,7 +205,7 @@ def test_automatic_mask_evaluation_against_numpy(eval_images, tiny_model_dir):
         for m in result["masks"]
     )
     # AP from the pipeline's scores: masks in descending score each claim the free object they overlap most.
-    from sam_hf.evaluation import average_precision
+    from sam_hf.core.scores import average_precision
 
     scores = np.asarray(result["scores"], np.float64).reshape(-1)
     free, hits = set(range(1, inst.max() + 1)), []
@@ -219,7 +223,7 @@ def test_automatic_mask_evaluation_against_numpy(eval_images, tiny_model_dir):
 
 
 def test_cached_embeddings_give_the_same_scores(eval_images, tiny_model_dir, tmp_path):
-    from sam_hf.cache import add_image_embeddings
+    from sam_hf.data.cache import add_image_embeddings
 
     predictor = SamPredictor.from_pretrained(str(tiny_model_dir))
     cached = add_image_embeddings(
@@ -248,7 +252,7 @@ class _BoxFillingPredictor(SamPredictor):
         self.image_embeddings = torch.zeros(1)
 
     def predict(self, boxes=None, **_):
-        from sam_hf.inference import SamPrediction
+        from sam_hf.inference.predictor import SamPrediction
 
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         self.calls.append(boxes)
@@ -317,7 +321,7 @@ def test_evaluation_memory_does_not_grow_with_objects(tiny_model_dir):
 
 
 def test_automatic_matching_through_the_instance_map_matches_dense_iou():
-    from sam_hf.evaluation import _best_ious
+    from sam_hf.evaluation.automatic import _best_ious
 
     rng = np.random.default_rng(3)
     instances = np.zeros((30, 40), np.int32)
@@ -345,7 +349,7 @@ def test_automatic_matching_through_the_instance_map_matches_dense_iou():
 
 
 def test_average_precision_by_hand():
-    from sam_hf.evaluation import average_precision
+    from sam_hf.core.scores import average_precision
 
     # Ranked: hit, miss, hit, miss over 3 objects. Precision 1, 1/2, 2/3, 1/2 at recall 1/3, 1/3, 2/3, 2/3; the best
     # precision at or beyond each recall level: 1 for the 34 levels 0..0.33, 2/3 for the 33 levels 0.34..0.66, and 0

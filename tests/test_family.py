@@ -15,12 +15,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sam_hf.cache import add_image_embeddings, read_embedding
-from sam_hf.data import SamDataCollator, SamTransform, encode_images, index_objects, load_source
-from sam_hf.family import FAMILY, Geometry, as_levels, family_of, tiny_config, tiny_processor
-from sam_hf.inference import SamPredictor
-from sam_hf.modeling import freeze_modules, load_model_and_processor
-from sam_hf.run import parse_args, run_training
+from sam_hf.config.parser import parse_args
+from sam_hf.core.images import encode_images
+from sam_hf.data.cache import add_image_embeddings, read_embedding
+from sam_hf.data.collator import SamDataCollator
+from sam_hf.data.indexing import index_objects
+from sam_hf.data.sources import load_source
+from sam_hf.data.transforms import SamTransform
+from sam_hf.family.geometry import Geometry
+from sam_hf.family.modeling import freeze_modules, load_model_and_processor
+from sam_hf.family.registry import FAMILY, as_levels, family_of, tiny_config, tiny_processor
+from sam_hf.inference.predictor import SamPredictor
+from sam_hf.training.run import run_training
 
 MODEL_TYPES = list(FAMILY)
 
@@ -166,8 +172,9 @@ def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_pat
     results = json.loads((out / "all_results.json").read_text())
     assert 0.0 <= results["eval_dice"] <= 1.0
 
-    from sam_hf.config import DataArguments
-    from sam_hf.evaluation import EvaluateArguments, run_evaluation
+    from sam_hf.config.arguments import DataArguments
+    from sam_hf.evaluation.arguments import EvaluateArguments
+    from sam_hf.evaluation.run import run_evaluation
 
     summary = run_evaluation(
         EvaluateArguments(
@@ -213,7 +220,9 @@ def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_pat
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from sam_hf.serve import ServeSettings, create_app, decode_rle
+    from sam_hf.apps.serve.app import create_app
+    from sam_hf.apps.serve.requests import decode_rle
+    from sam_hf.apps.serve.settings import ServeSettings
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -238,7 +247,7 @@ def test_geometry_of_processors():
 
 @pytest.mark.parametrize("model_type", [t for t, m in FAMILY.items() if m.lora_target_modules])
 def test_default_lora_targets_are_image_encoder_attention(model_type):
-    from sam_hf.lora import resolve_target_modules
+    from sam_hf.family.lora import resolve_target_modules
 
     member = FAMILY[model_type]
     model = member.model_class(tiny_config(model_type))

@@ -8,8 +8,9 @@ from conftest import TINY_BASE
 from transformers import SamModel, SamProcessor
 
 from sam_hf import SamDataCollator, SamDiceCELoss, SamTransform, freeze_modules
-from sam_hf.cache import add_image_embeddings, read_embedding
-from sam_hf.data import index_objects, load_source
+from sam_hf.data.cache import add_image_embeddings, read_embedding
+from sam_hf.data.indexing import index_objects
+from sam_hf.data.sources import load_source
 
 pytestmark = pytest.mark.gpu
 
@@ -71,7 +72,7 @@ def test_object_crops_are_encoded_in_batches_on_cuda():
     import numpy as np
 
     from sam_hf import SamPredictor
-    from sam_hf.tiling import ObjectCropPredictor
+    from sam_hf.inference.windowed import ObjectCropPredictor
 
     image = np.random.default_rng(0).integers(0, 255, (150, 220, 3), np.uint8)
     boxes = [[10, 10, 30, 25], [100, 40, 140, 90], [180, 120, 215, 145], [50, 100, 60, 112]]
@@ -91,7 +92,7 @@ def test_point_crops_and_background_points_loss_on_cuda_matches_cpu(nuclei_dir):
     from transformers import TrainingArguments
 
     from sam_hf import SamTrainer
-    from sam_hf.tiling import crop_objects
+    from sam_hf.data.windows import crop_objects
 
     processor = SamProcessor.from_pretrained(TINY_BASE)
     source = load_source(str(nuclei_dir))["train"].select(range(1))

@@ -117,7 +117,7 @@ def test_card_metadata_for_a_hub_dataset_and_embedded_figures(tmp_path):
     from huggingface_hub import ModelCard
     from transformers import TrainingArguments
 
-    from sam_hf.hub import render_model_card
+    from sam_hf.hub.card import render_model_card
 
     (tmp_path / "loss_curves.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # only existence matters to the card
     args = TrainingArguments(output_dir=str(tmp_path), hub_model_id="someone/sam-nuclei", report_to="none")

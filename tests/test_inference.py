@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import SamModel, SamProcessor
 
 from sam_hf import PromptError, SamPredictor, label_image
-from sam_hf.inference import validate_prompts
+from sam_hf.core.prompts import validate_prompts
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_mask_input_from_a_binary_mask(tiny_model_dir):
 
 
 def test_default_device_is_the_one_asked_for_else_cuda_where_present(monkeypatch):
-    from sam_hf.inference import default_device
+    from sam_hf.core.env import default_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_device() == "cuda" and default_device("cpu") == "cpu"

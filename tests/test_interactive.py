@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from sam_hf.inference import SamPrediction
-from sam_hf.interactive import (
-    correction_clicks,
-    interactive_curve,
-    interior_point,
-    next_click,
-    parse_prompt_types,
-)
+from sam_hf.config.arguments import parse_prompt_types
+from sam_hf.core.clicks import correction_clicks, interior_point, next_click
+from sam_hf.evaluation.interactive import interactive_curve
+from sam_hf.inference.predictor import SamPrediction
 
 
 def test_parse_prompt_types():
@@ -114,7 +110,8 @@ def test_interactive_curve_follows_the_simulated_user():
 
 
 def _train(model_dir, data_dir, out, *extra):
-    from sam_hf.run import parse_args, run_training
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.run import run_training
 
     argv = [
         "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
@@ -128,7 +125,7 @@ def _train(model_dir, data_dir, out, *extra):
 def test_interactive_training_runs_each_round_on_the_previous_logits(
     tiny_model_dir, nuclei_dir, tmp_path, monkeypatch
 ):
-    import sam_hf.trainer as trainer_module
+    import sam_hf.training.trainer as trainer_module
 
     calls = []
     original = trainer_module.correction_clicks
@@ -158,9 +155,10 @@ def test_interactive_training_with_the_encoder_unfrozen(tiny_model_dir, nuclei_d
 
 
 def test_interactive_evaluation_encodes_each_image_once_per_encoder(tiny_model_dir, nuclei_dir):
-    from sam_hf.config import DataArguments
-    from sam_hf.evaluation import evaluate_interactive, load_split
-    from sam_hf.inference import SamPredictor
+    from sam_hf.config.arguments import DataArguments
+    from sam_hf.evaluation.interactive import evaluate_interactive
+    from sam_hf.evaluation.run import load_split
+    from sam_hf.inference.predictor import SamPredictor
 
     predictors = {name: SamPredictor.from_pretrained(str(tiny_model_dir)) for name in ("a", "b")}
     calls = []
@@ -173,8 +171,10 @@ def test_interactive_evaluation_encodes_each_image_once_per_encoder(tiny_model_d
 
 
 def test_evaluate_interactive_curve(tiny_model_dir, nuclei_dir, tmp_path):
-    from sam_hf.config import DataArguments
-    from sam_hf.evaluation import EvaluateArguments, run_evaluation, to_markdown
+    from sam_hf.config.arguments import DataArguments
+    from sam_hf.evaluation.arguments import EvaluateArguments
+    from sam_hf.evaluation.report import to_markdown
+    from sam_hf.evaluation.run import run_evaluation
 
     summary = run_evaluation(
         EvaluateArguments(

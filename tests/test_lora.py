@@ -16,9 +16,10 @@ from transformers import SamModel, SamProcessor
 peft = pytest.importorskip("peft")
 
 from sam_hf import SamDiceCELoss, SamTransform, freeze_modules  # noqa: E402
-from sam_hf.lora import LORA_TARGET_MODULES, add_lora_adapters, resolve_target_modules  # noqa: E402
-from sam_hf.modeling import count_parameters, freeze_unused_decoder_outputs  # noqa: E402
-from sam_hf.run import parse_args, run_training  # noqa: E402
+from sam_hf.config.parser import parse_args  # noqa: E402
+from sam_hf.family.lora import LORA_TARGET_MODULES, add_lora_adapters, resolve_target_modules  # noqa: E402
+from sam_hf.family.modeling import count_parameters, freeze_unused_decoder_outputs  # noqa: E402
+from sam_hf.training.run import run_training  # noqa: E402
 
 # 6 training images, 4 steps, checkpoints at steps 2 and 4; rank 4 on the default targets (every `qkv`).
 ARGS = (
@@ -106,7 +107,9 @@ def test_only_adapters_and_decoder_get_gradients(tiny_model_dir, nuclei_dir):
     """Every trainable parameter gets a gradient (DDP runs without an unused-parameter search), and only those."""
     import datasets
 
-    from sam_hf.data import SamDataCollator, index_objects, load_source
+    from sam_hf.data.collator import SamDataCollator
+    from sam_hf.data.indexing import index_objects
+    from sam_hf.data.sources import load_source
 
     model = SamModel.from_pretrained(tiny_model_dir)
     processor = SamProcessor.from_pretrained(tiny_model_dir)
@@ -208,14 +211,14 @@ def test_lora_arguments_refused(monkeypatch):
         parse_args(base + ["--lora_rank", "-2"])
     with pytest.raises(ValueError, match="--lora_dropout must be in"):
         parse_args(base + ["--lora_rank", "4", "--lora_dropout", "1.5"])
-    import sam_hf.lora
+    import sam_hf.family.lora
 
-    monkeypatch.setattr(sam_hf.lora, "peft_available", lambda: False)
+    monkeypatch.setattr("sam_hf.config.arguments.is_peft_available", lambda: False)
     with pytest.raises(ImportError, match=r"pip install 'sam_hf\[lora\]'"):
         parse_args(base + ["--lora_rank", "4"])
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ImportError, match=r"pip install 'sam_hf\[lora\]'"):
-        sam_hf.lora.require_peft()
+        sam_hf.family.lora.require_peft()
 
 
 def test_target_modules_resolved_and_checked(tiny_model_dir):
@@ -235,7 +238,7 @@ def test_target_modules_resolved_and_checked(tiny_model_dir):
 def test_prompt_encoder_trained_with_adapters_stays_tied(tiny_model_dir):
     """With --freeze_prompt_encoder false peft copies the prompt encoder and the shared positional embedding apart;
     they stay one tensor, so the merged model computes what the adapted one did."""
-    from sam_hf.lora import merged_model
+    from sam_hf.family.lora import merged_model
 
     model = SamModel.from_pretrained(tiny_model_dir)
     freeze_modules(model, freeze_prompt_encoder=False)
@@ -282,7 +285,7 @@ def test_two_process_accelerate_launch_with_lora(tiny_model_dir, nuclei_dir, tmp
 def test_overwrite_output_dir_removes_a_previous_adapter(tmp_path):
     from transformers import TrainingArguments
 
-    from sam_hf.run import check_output_dir
+    from sam_hf.training.output_dir import check_output_dir
 
     out = tmp_path / "used"
     (out / "adapter").mkdir(parents=True)

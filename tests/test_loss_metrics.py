@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from sam_hf import SamDiceCELoss
-from sam_hf.loss import iou_prediction_loss, multimask_loss
-from sam_hf.metrics import compute_metrics, object_stats, scores_from_stats
+from sam_hf.core.scores import object_stats, scores_from_stats
+from sam_hf.training.loss import iou_prediction_loss, multimask_loss
+from sam_hf.training.metrics import compute_metrics
 
 
 def _reference(logits: torch.Tensor, target: torch.Tensor, lambda_dice: float, lambda_ce: float) -> torch.Tensor:

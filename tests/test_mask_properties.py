@@ -14,14 +14,9 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 from sam_hf import tiny_sam_config, tiny_sam_processor  # noqa: E402
-from sam_hf.data import (  # noqa: E402
-    MASK_TYPES,
-    boxes_from_instances,
-    encode_images,
-    mask_to_instances,
-    resize_and_pad_masks,
-    resized_shape,
-)
+from sam_hf.core.images import encode_images, resized_shape  # noqa: E402
+from sam_hf.core.masks import MASK_TYPES, boxes_from_instances, mask_to_instances  # noqa: E402
+from sam_hf.data.transforms import resize_and_pad_masks  # noqa: E402
 
 PROCESSOR = tiny_sam_processor(tiny_sam_config())  # 256-px input, 64 x 64 low-resolution masks
 INPUT_SIDE = PROCESSOR.image_processor.size["longest_edge"]

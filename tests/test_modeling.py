@@ -5,7 +5,7 @@ import torch
 from transformers import SamConfig, SamImageProcessorPil, SamModel, SamProcessor
 
 from sam_hf import count_parameters, freeze_modules, tiny_sam_config, tiny_sam_processor
-from sam_hf.modeling import check_processor_matches_model, freeze_unused_decoder_outputs, init_sam_model
+from sam_hf.family.modeling import check_processor_matches_model, freeze_unused_decoder_outputs, init_sam_model
 
 
 def test_tiny_config_agrees_with_itself_and_its_processor():

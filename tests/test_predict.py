@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from sam_hf import PromptError, SamPredictor
-from sam_hf.predict import PredictArguments, color_labels, label_colors, overlay, parse_coordinates, run_prediction
+from sam_hf.apps.predict import PredictArguments, parse_coordinates, run_prediction
+from sam_hf.viz.overlays import color_labels, label_colors, overlay
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,7 +107,7 @@ def test_empty_mask_is_reported_with_image_and_prompt(tiny_model_dir, image_file
         model=str(tiny_model_dir), images=str(image_files[0]), boxes="10,12,60,70;100,40,180,170",
         output_dir=str(tmp_path),
     )  # fmt: skip
-    with caplog.at_level("WARNING", logger="sam_hf.predict"):
+    with caplog.at_level("WARNING", logger="sam_hf"):
         report = run_prediction(args)
     entry = report[image_files[0].name]
     assert entry["empty_masks"] == [1] and entry["mask_area"][1] == 0

@@ -23,19 +23,19 @@ ARGS = (
 KILLER = """
 import os, signal, sys
 from transformers import TrainerCallback
-import sam_hf.trainer
+import sam_hf.training.trainer
 
 class Kill(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == 4:
             os.kill(os.getpid(), signal.SIGKILL)
 
-init = sam_hf.trainer.SamTrainer.__init__
+init = sam_hf.training.trainer.SamTrainer.__init__
 def patched(self, *a, **k):
     init(self, *a, **k)
     self.add_callback(Kill())
-sam_hf.trainer.SamTrainer.__init__ = patched
-from sam_hf.run import parse_args, run_training
+sam_hf.training.trainer.SamTrainer.__init__ = patched
+from sam_hf import parse_args, run_training
 run_training(*parse_args(sys.argv[1:]))
 """
 
@@ -93,7 +93,8 @@ def test_same_seed_gives_bit_identical_weights(tiny_model_dir, nuclei_dir, tmp_p
 def test_non_finite_loss_stops_the_run(tiny_model_dir, nuclei_dir, tmp_path):
     from transformers import SamModel, SamProcessor
 
-    from sam_hf.run import parse_args, run_training
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.run import run_training
 
     broken = tmp_path / "broken"
     model = SamModel.from_pretrained(tiny_model_dir)
@@ -111,8 +112,9 @@ def test_non_finite_loss_stops_the_run(tiny_model_dir, nuclei_dir, tmp_path):
 
 def test_non_finite_gradient_stops_the_run(tiny_model_dir, nuclei_dir, tmp_path, monkeypatch):
     """A finite loss whose backward pass overflows: the step is refused, not applied."""
-    from sam_hf.loss import SamDiceCELoss
-    from sam_hf.run import parse_args, run_training
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.loss import SamDiceCELoss
+    from sam_hf.training.run import run_training
 
     class InfiniteGradient(torch.autograd.Function):
         @staticmethod

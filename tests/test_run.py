@@ -17,10 +17,14 @@ from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file
 from transformers import SamModel, Trainer, TrainingArguments
 
-from sam_hf.data import load_source
-from sam_hf.hub import check_hub_access, render_model_card
-from sam_hf.modeling import load_model_and_processor
-from sam_hf.run import check_output_dir, evaluate_command, parse_args, run_training, training_summary
+from sam_hf.config.parser import parse_args
+from sam_hf.data.sources import load_source
+from sam_hf.family.modeling import load_model_and_processor
+from sam_hf.hub.access import check_hub_access
+from sam_hf.hub.card import render_model_card
+from sam_hf.training.output_dir import check_output_dir
+from sam_hf.training.report import evaluate_command, training_summary
+from sam_hf.training.run import run_training
 
 TOKEN = "hf_samhfTestSecret0123456789abcdef"
 
@@ -41,7 +45,7 @@ def no_loading(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("run_training loaded the model before refusing the run")
 
-    monkeypatch.setattr("sam_hf.run.load_model_and_processor", load)
+    monkeypatch.setattr("sam_hf.training.run.load_model_and_processor", load)
 
 
 def _previous_run(out: Path) -> None:
@@ -97,7 +101,7 @@ def test_overwrite_output_dir_replaces_the_previous_run(tiny_model_dir, nuclei_d
         metrics = run_training(*parse_args(_argv(tiny_model_dir, nuclei_dir, out, *extra)))
     # The run ends on its summary, after every other log line (and so after the figures' evaluation).
     last = caplog.records[-1]
-    assert last.name == "sam_hf.run.summary" and last.levelname == "INFO"
+    assert last.name == "sam_hf.training.report.summary" and last.levelname == "INFO"
     text = last.getMessage()
     assert f"Dice {metrics['base_eval_dice']:.3f} -> {metrics['eval_dice']:.3f}" in text
     assert f"IoU  {metrics['base_eval_iou']:.3f} -> {metrics['eval_iou']:.3f}" in text
@@ -121,7 +125,7 @@ def test_short_run_without_logged_loss_finishes_with_its_card(
     def broken(*args, **kwargs):
         raise RuntimeError("figure backend exploded")
 
-    monkeypatch.setattr("sam_hf.viz.plot_base_vs_tuned", broken)
+    monkeypatch.setattr("sam_hf.viz.plots.plot_base_vs_tuned", broken)
     out = tmp_path / "short"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -139,7 +143,7 @@ def test_card_is_written_when_the_full_card_cannot_be_rendered(tmp_path, monkeyp
     def missing():
         raise FileNotFoundError("template gone")
 
-    monkeypatch.setattr("sam_hf.hub.model_card_template", missing)
+    monkeypatch.setattr("sam_hf.hub.card.model_card_template", missing)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     card = render_model_card(SimpleNamespace(args=args), base_model="tiny-sam-base", dataset_name="nuclei_demo")
     assert card.data.pipeline_tag == "mask-generation" and card.data.library_name == "transformers"
@@ -246,7 +250,8 @@ def test_reloading_a_checkpoint_reports_no_missing_tied_buffer(tiny_model_dir, t
 
 
 def test_dataloader_workers_default_on_gpu_machines_only(monkeypatch, tmp_path):
-    from sam_hf.run import default_dataloader_num_workers, parse_args
+    from sam_hf.config.parser import parse_args
+    from sam_hf.core.env import default_dataloader_num_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert default_dataloader_num_workers(cuda=True) == 8 and default_dataloader_num_workers(cuda=False) == 0
@@ -254,7 +259,7 @@ def test_dataloader_workers_default_on_gpu_machines_only(monkeypatch, tmp_path):
     assert default_dataloader_num_workers(cuda=True) == 3
     base = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path)]
     # A GPU machine, as far as the default is concerned (TrainingArguments itself must still see no CUDA here).
-    monkeypatch.setattr("sam_hf.run.default_dataloader_num_workers", lambda: 8)
+    monkeypatch.setattr("sam_hf.config.parser.default_dataloader_num_workers", lambda: 8)
     assert parse_args(base)[3].dataloader_num_workers == 8
     assert parse_args(base)[3].dataloader_persistent_workers
     assert not parse_args(base + ["--dataloader_persistent_workers", "false"])[3].dataloader_persistent_workers
@@ -266,7 +271,7 @@ def test_dataloader_workers_default_on_gpu_machines_only(monkeypatch, tmp_path):
     assert parse_args([str(config)])[3].dataloader_num_workers == 2
     config.write_text("model_name_or_path: m\ndataset_name: d\n")
     assert parse_args([str(config)])[3].dataloader_num_workers == 8
-    monkeypatch.setattr("sam_hf.run.default_dataloader_num_workers", lambda: 0)
+    monkeypatch.setattr("sam_hf.config.parser.default_dataloader_num_workers", lambda: 0)
     assert parse_args(base)[3].dataloader_num_workers == 0
 
 
@@ -274,7 +279,8 @@ def test_streaming_trains_without_cache_and_evaluates(tiny_model_dir, nuclei_dir
     import json
     import logging
 
-    from sam_hf.run import parse_args, run_training
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.run import run_training
 
     out = tmp_path / "stream"
     argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out)]
@@ -302,8 +308,8 @@ def test_a_one_file_stream_is_split_so_that_every_dataloader_worker_reads(nuclei
 
     import pyarrow.parquet as pq
 
-    from sam_hf.config import DataArguments
-    from sam_hf.run import reshard_for_workers, streaming_splits
+    from sam_hf.config.arguments import DataArguments
+    from sam_hf.data.streaming import reshard_for_workers, streaming_splits
 
     source = load_source(str(nuclei_dir))["train"]
     source.to_parquet(tmp_path / "train.parquet", batch_size=4)

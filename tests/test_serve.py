@@ -23,15 +23,10 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 
-from sam_hf.inference import SamPredictor  # noqa: E402
-from sam_hf.serve import (  # noqa: E402
-    ServeSettings,
-    create_app,
-    decode_png_mask,
-    decode_rle,
-    encode_png_mask,
-    encode_rle,
-)
+from sam_hf.apps.serve.app import create_app  # noqa: E402
+from sam_hf.apps.serve.requests import decode_png_mask, decode_rle, encode_png_mask, encode_rle  # noqa: E402
+from sam_hf.apps.serve.settings import ServeSettings  # noqa: E402
+from sam_hf.inference.predictor import SamPredictor  # noqa: E402
 
 # Small limits so that every limit can be crossed cheaply; the nuclei images are 256 x 256 = 65,536 pixels. The
 # server is compared with CPU predictors, so it runs on the CPU also where CUDA is present (its default there).
@@ -172,7 +167,7 @@ def test_settings_are_validated():
 
 
 def test_cli_serve_flags(capsys, monkeypatch):
-    from sam_hf.cli import build_parser, main
+    from sam_hf.apps.cli import build_parser, main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--help"])
@@ -486,7 +481,7 @@ def crop_model_dir(tiny_model_dir, tmp_path_factory):
 def test_a_model_tuned_on_object_crops_is_served_on_crops(crop_model_dir, synthetic_png):
     from transformers import pipeline
 
-    from sam_hf.tiling import ObjectCropPredictor, refine_on_object_crops
+    from sam_hf.inference.windowed import ObjectCropPredictor, refine_on_object_crops
 
     library = SamPredictor.from_pretrained(str(crop_model_dir))
     image = Image.open(io.BytesIO(synthetic_png))

@@ -1,4 +1,4 @@
-"""The synthetic images the tiny base is pretrained on (`sam_hf.synthetic`)."""
+"""The synthetic images the tiny base is pretrained on (`sam_hf.data.synthetic`)."""
 
 import hashlib
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sam_hf.synthetic import NUCLEI_APPEARANCE, synthetic_cells, synthetic_dataset
+from sam_hf.data.synthetic import NUCLEI_APPEARANCE, synthetic_cells, synthetic_dataset
 
 
 def test_default_cells_are_drawn_as_before():

@@ -14,8 +14,8 @@ import torch
 from conftest import TINY_BASE
 from PIL import Image
 
-from sam_hf.inference import SamPredictor
-from sam_hf.text_prompts import TextPrompter, heatmap_to_boxes
+from sam_hf.inference.predictor import SamPredictor
+from sam_hf.inference.text_prompts import TextPrompter, heatmap_to_boxes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,7 +155,7 @@ def test_segment_refines_each_blob_box_with_sam(tiny_clipseg_dir, sam, nucleus_i
 def test_no_blob_gives_no_mask_and_a_warning(tiny_clipseg_dir, sam, nucleus_image, caplog):
     prompter = TextPrompter.from_pretrained(str(tiny_clipseg_dir), threshold=1.0)  # a sigmoid never reaches 1
     sam.set_image(nucleus_image)
-    with caplog.at_level(logging.WARNING, logger="sam_hf.text_prompts"):
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
         found = prompter.segment(sam, nucleus_image, "nucleus", multimask_output=True)
     assert found.boxes.shape == (0, 4) and found.prediction.masks.shape == (0, 3, 383, 512)
     assert found.prediction.best()[0].shape == (0, 383, 512)
@@ -165,7 +165,7 @@ def test_no_blob_gives_no_mask_and_a_warning(tiny_clipseg_dir, sam, nucleus_imag
 def test_predict_script_with_text(tiny_clipseg_dir, nuclei_dir, tmp_path):
     from transformers import HfArgumentParser
 
-    from sam_hf.predict import PredictArguments, run_prediction
+    from sam_hf.apps.predict import PredictArguments, run_prediction
 
     image = sorted((nuclei_dir / "images").glob("*.png"))[0]
     argv = ["--model", str(TINY_BASE), "--images", str(image), "--output_dir", str(tmp_path), "--text", "nucleus"]
@@ -187,7 +187,9 @@ def test_server_text_field(tiny_clipseg_dir, nuclei_dir, sam):
     pytest.importorskip("multipart")
     from fastapi.testclient import TestClient
 
-    from sam_hf.serve import ServeSettings, create_app, decode_rle
+    from sam_hf.apps.serve.app import create_app
+    from sam_hf.apps.serve.requests import decode_rle
+    from sam_hf.apps.serve.settings import ServeSettings
 
     image = sorted((nuclei_dir / "images").glob("*.png"))[0].read_bytes()
     files = {"image": ("cells.png", image, "image/png")}

@@ -8,19 +8,12 @@ import datasets
 import numpy as np
 import pytest
 
-from sam_hf.config import DataArguments
-from sam_hf.data import boxes_from_instances
-from sam_hf.inference import SamPrediction
-from sam_hf.tiling import (
-    ObjectCropPredictor,
-    TiledPredictor,
-    crop_objects,
-    object_window,
-    refine_on_object_crops,
-    tile_dataset,
-    tile_origins,
-    tile_starts,
-)
+from sam_hf.config.arguments import DataArguments
+from sam_hf.core.masks import boxes_from_instances
+from sam_hf.core.windows import object_window, tile_origins, tile_starts
+from sam_hf.data.windows import crop_objects, tile_dataset
+from sam_hf.inference.predictor import SamPrediction
+from sam_hf.inference.windowed import ObjectCropPredictor, TiledPredictor, refine_on_object_crops
 
 
 def test_tile_grid_ends_at_the_edges():
@@ -59,7 +52,7 @@ def _dataset() -> datasets.Dataset:
 
 
 def test_cut_objects_are_kept_or_dropped_by_their_visible_fraction(caplog):
-    with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
         tiled = tile_dataset(_dataset(), tile_size=60, tile_overlap=20, mask_type="instance")
     assert tiled["file_name"] == ["big.png@y0x0", "big.png@y0x40"]
     assert tiled["source_file_name"] == ["big.png", "big.png"]
@@ -79,7 +72,8 @@ def test_cut_objects_are_kept_or_dropped_by_their_visible_fraction(caplog):
 
 
 def test_training_on_tiles(tiny_model_dir, nuclei_dir, tmp_path, caplog):
-    from sam_hf.run import parse_args, run_training
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.run import run_training
 
     argv = [
         "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir",
@@ -88,7 +82,7 @@ def test_training_on_tiles(tiny_model_dir, nuclei_dir, tmp_path, caplog):
         "--report_to", "none", "--tile_size", "128", "--tile_overlap", "32", "--eval_before_training", "false",
     ]  # fmt: skip
     args = parse_args(argv)
-    with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
         run_training(*args)
     # The tiles' labels are read as instance maps; the user's arguments are left as they were given.
     assert args[1].mask_type == "auto" and args[1].label_mask_type == "instance"
@@ -153,7 +147,7 @@ def test_crop_objects_gives_each_object_whole_in_its_own_crop(caplog):
     source = _dataset()
     instances = np.asarray(source["label"][0])
     image = np.asarray(source["image"][0])
-    with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
         crops = crop_objects(source, 3, mask_type="instance", split_name="eval")
     assert crops["file_name"] == [f"big.png#{k}" for k in range(1, 6)]
     assert crops["source_file_name"] == ["big.png"] * 5
@@ -199,7 +193,8 @@ def test_crop_objects_background_points_and_point_prompt_rows():
 
 
 def test_point_crop_and_background_arguments_reach_the_card():
-    from sam_hf.run import loss_description, parse_args, prompt_recipe
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.report import loss_description, prompt_recipe
 
     base = ["--model_name_or_path", "m", "--dataset_name", "d", "--object_crop_scale", "7", "--output_dir", "o"]
     _, data_args, sam_args, _ = parse_args(base + ["--point_crop_scale", "20", "--point_crop_every", "3"])
@@ -323,7 +318,8 @@ def test_refinement_on_object_crops_decodes_each_box_once_and_keeps_the_best_of_
 def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     from PIL import Image
 
-    from sam_hf.run import parse_args, run_training
+    from sam_hf.config.parser import parse_args
+    from sam_hf.training.run import run_training
 
     argv = [
         "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir",
@@ -333,7 +329,7 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
         "--point_crop_every", "2", "--use_cpu",  # its evaluation is compared with run_evaluation's, on the CPU
     ]  # fmt: skip
     args = parse_args(argv)
-    with caplog.at_level(logging.INFO, logger="sam_hf.tiling"):
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
         metrics = run_training(*args)
     assert args[1].mask_type == "auto" and args[1].label_mask_type == "instance"
     # The training image's objects also get point crops, one in two; evaluation gets none (checked below).
@@ -344,7 +340,7 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     assert train_objects // 2 <= point_crops <= -(-train_objects // 2)
     assert "Split 'eval'" in caplog.text and "more crops" not in caplog.text.split("Split 'eval'")[1]
     # One crop, and one scored object, per object of the image; counted here from the instance map on disk.
-    from sam_hf.evaluation import load_split
+    from sam_hf.evaluation.run import load_split
 
     eval_name = load_split(DataArguments(dataset_name=str(nuclei_dir), max_eval_samples=1), "eval", 42, None, None)[
         "file_name"
@@ -354,7 +350,8 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     assert f"Split 'eval': 1 images -> {objects} object crops" in caplog.text
     assert metrics["eval_num_objects"] == objects
     # scripts/evaluate.py on the same crops reports them per source image.
-    from sam_hf.evaluation import EvaluateArguments, run_evaluation
+    from sam_hf.evaluation.arguments import EvaluateArguments
+    from sam_hf.evaluation.run import run_evaluation
 
     summary = run_evaluation(
         EvaluateArguments(model=[f"tuned={tmp_path / 'run'}"], output_dir=str(tmp_path / "eval"), automatic=True,
@@ -373,20 +370,20 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     # The scale is kept in config.json, and predict.py decodes on the same crops without being told.
     import json
 
-    from sam_hf.predict import PredictArguments, run_prediction
+    from sam_hf.apps.predict import PredictArguments, run_prediction
 
     assert json.loads((tmp_path / "run" / "config.json").read_text())["object_crop_scale"] == 6
     image = nuclei_dir / "images" / f"{stem}.png"
     masks = {}
     for name, scale in (("default", None), ("explicit", 6.0)):
-        with caplog.at_level(logging.INFO, logger="sam_hf.predict"):
+        with caplog.at_level(logging.INFO, logger="sam_hf"):
             run_prediction(PredictArguments(model=str(tmp_path / "run"), images=str(image), boxes="100,100,115,112",
                                             object_crop_scale=scale, output_dir=str(tmp_path / name)))  # fmt: skip
         masks[name] = np.asarray(Image.open(tmp_path / name / stem / "mask_000.png"))
     np.testing.assert_array_equal(masks["default"], masks["explicit"])
     assert "was tuned on object crops (config.json object_crop_scale 6)" in caplog.text
     # ... which is not what decoding on the whole image gives.
-    from sam_hf.inference import SamPredictor
+    from sam_hf.inference.predictor import SamPredictor
 
     whole = SamPredictor.from_pretrained(str(tmp_path / "run"))(np.asarray(Image.open(image).convert("RGB")),
                                                               boxes=[[100, 100, 115, 112]]).masks[0, 0]  # fmt: skip

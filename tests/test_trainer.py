@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import SamModel, SamProcessor, TrainingArguments
 
 from sam_hf import SamDataCollator, SamDiceCELoss, SamTrainer, SamTransform, freeze_modules
-from sam_hf.data import index_objects
-from sam_hf.modeling import freeze_unused_decoder_outputs
-from sam_hf.run import parse_args
+from sam_hf.config.parser import parse_args
+from sam_hf.data.indexing import index_objects
+from sam_hf.family.modeling import freeze_unused_decoder_outputs
 
 
 def _two_image_dataset() -> datasets.Dataset:
@@ -101,7 +101,7 @@ def _reference_step(model_dir, per_image: bool, iou_term: bool = True):
         logits, labels = out.pred_masks[0, :, 0], ex["labels"]
         loss, n = loss_fn(logits[None], labels[None])
         if iou_term:
-            # Computed independently of sam_hf.loss: IoU of (logit > 0) with (label > 0.5), per object.
+            # Computed independently of sam_hf.training.loss: IoU of (logit > 0) with (label > 0.5), per object.
             pred, target = logits > 0, labels > 0.5
             inter = (pred & target).flatten(1).sum(1).float()
             union = (pred | target).flatten(1).sum(1).float()
@@ -402,7 +402,7 @@ def test_point_pass_without_a_chosen_object_adds_nothing(tiny_model_dir):
 def test_learning_encoder_runs_once_for_both_decoder_calls(tiny_model_dir, tmp_path):
     """With a trainable encoder and a point pass, the encoder runs once per step and both losses reach it: the
     gradients equal those of two full forwards (one per decoder call)."""
-    from sam_hf.loss import iou_prediction_loss, multimask_loss
+    from sam_hf.training.loss import iou_prediction_loss, multimask_loss
 
     model = SamModel.from_pretrained(tiny_model_dir)
     processor = SamProcessor.from_pretrained(tiny_model_dir)
@@ -511,7 +511,7 @@ def test_point_only_rows_train_the_point_pass_and_not_the_box_output(tiny_model_
 def test_point_pass_decodes_only_the_rows_it_prompts(tiny_model_dir):
     """With a point-only row in the batch and no turn for the other row's objects, the point pass decodes that one
     row; its loss is the multimask loss of that row decoded on its own, divided by the box-prompted objects."""
-    from sam_hf.loss import multimask_loss
+    from sam_hf.training.loss import multimask_loss
 
     model = SamModel.from_pretrained(tiny_model_dir)
     freeze_modules(model)

@@ -19,8 +19,13 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from sam_hf import viz  # noqa: E402
-from sam_hf.data import boxes_from_instances, mask_to_instances  # noqa: E402
+from sam_hf.core.masks import (  # noqa: E402
+    boxes_from_instances,
+    boxes_from_masks,  # noqa: E402
+    mask_to_instances,
+)
+from sam_hf.core.scores import dice_per_object  # noqa: E402
+from sam_hf.viz import plots as viz  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,8 +196,8 @@ def test_object_colors_are_seeded_distinct_and_bright():
 
 def test_boxes_from_masks_match_boxes_from_instances(nuclei_dir):
     _, _, instances, masks = nuclei_example(nuclei_dir)
-    np.testing.assert_array_equal(viz.boxes_from_masks(masks), boxes_from_instances(instances))
-    empty = viz.boxes_from_masks(np.zeros((1, 4, 4), bool))
+    np.testing.assert_array_equal(boxes_from_masks(masks), boxes_from_instances(instances))
+    empty = boxes_from_masks(np.zeros((1, 4, 4), bool))
     assert np.isnan(empty).all()
 
 
@@ -202,8 +207,8 @@ def test_dice_per_object_by_hand():
     gt[0, :2] = True  # 8 pixels
     pred[0, :1] = True  # 4 pixels inside: Dice 2*4 / (4 + 8)
     gt[1, 0, 0] = True  # missed entirely: Dice 0
-    # object 2: both empty scores 1 (as sam_hf.metrics does)
-    np.testing.assert_allclose(viz.dice_per_object(pred, gt), [8 / 12, 0.0, 1.0])
+    # object 2: both empty scores 1 (as sam_hf.training.metrics does)
+    np.testing.assert_allclose(dice_per_object(pred, gt), [8 / 12, 0.0, 1.0])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ def test_plot_ground_truth_on_demo_image(nuclei_dir, tmp_path):
     patch = image[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3)
     assert ((png[row, col] >= patch.min(0) - 3) & (png[row, col] <= patch.max(0) + 3)).all()
     # One box per object, around its outermost pixels.
-    boxes = viz.boxes_from_masks(masks)
+    boxes = boxes_from_masks(masks)
     patches = [p for p in overlay.patches if isinstance(p, Rectangle)]
     assert len(patches) == len(masks)
     for patch, box in zip(patches, boxes):
@@ -267,7 +272,7 @@ def two_object_sample(name: str = "img-1") -> dict:
     return {
         "image": image,
         "gt_masks": gt,
-        "boxes": viz.boxes_from_masks(gt),
+        "boxes": boxes_from_masks(gt),
         "points": [[[15, 15]], [[45, 47]]],
         "point_labels": [[1], [1]],
         "predictions": {"base": np.zeros_like(gt), "tuned": gt.copy()},
