@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 
-REPO = Path(__file__).resolve().parent.parent
 TOKEN = "hf_samhfTestSecret0123456789abcdef"
 HUB_ID = "someone/tiny-sam-nuclei"
 

@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BASE
+from conftest import REPO, TINY_BASE
 from PIL import Image
 
 from sam_hf.inference.predictor import SamPredictor
 from sam_hf.inference.text_prompts import TextPrompter, heatmap_to_boxes
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def two_blobs() -> np.ndarray:

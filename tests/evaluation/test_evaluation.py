@@ -3,12 +3,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import evaluate
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from transformers import SamModel, SamProcessor, TrainingArguments
 
 import sam_hf.evaluation.object_metrics
@@ -20,8 +20,6 @@ from sam_hf.evaluation.arguments import parse_model_specs
 from sam_hf.evaluation.boxes import evaluate_models, load_object_metrics
 from sam_hf.evaluation.report import summarize, to_markdown
 from sam_hf.training.metrics import compute_metrics
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _numpy_dice_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:

@@ -3,17 +3,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from sam_hf import PromptError, SamPredictor
 from sam_hf.apps.predict import PredictArguments, parse_coordinates, run_prediction
 from sam_hf.viz.overlays import color_labels, label_colors, overlay
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import SamModel, SamProcessor, TrainingArguments
@@ -216,11 +217,10 @@ def test_model_card_parses(trained_run):
 
 
 def test_yaml_config_and_argument_errors(tmp_path):
-    from pathlib import Path
 
     import yaml
 
-    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    demo = REPO / "configs" / "demo.yaml"
     model_args, data_args, sam_args, training_args = parse_args([str(demo)])
     assert model_args.model_name_or_path == "models/tiny-sam-base"
     assert data_args.dataset_name == "data/nuclei_demo" and data_args.validation_split_percentage == 25

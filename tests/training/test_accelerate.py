@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,6 @@ import torch
 from conftest import launch_two_processes
 from PIL import Image
 from safetensors.torch import load_file
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow

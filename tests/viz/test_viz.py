@@ -14,6 +14,7 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
+from conftest import REPO
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
@@ -26,9 +27,6 @@ from sam_hf.core.masks import (  # noqa: E402
 )
 from sam_hf.core.scores import dice_per_object  # noqa: E402
 from sam_hf.viz import plots as viz  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
