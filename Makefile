@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test quality style docs pretrain-base
+.PHONY: demo test test-fast quality style docs pretrain-base
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,17 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
+# The quick loop: everything but the end-to-end runs and subprocesses (marked slow).
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow"
+
 docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict
 
 quality: $(VENV)/.installed
 	$(BIN)/ruff check sam_hf scripts tests
 	$(BIN)/ruff format --check sam_hf scripts tests
+	$(BIN)/lint-imports
 
 style: $(VENV)/.installed
 	$(BIN)/ruff check --fix sam_hf scripts tests

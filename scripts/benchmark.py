@@ -85,6 +85,7 @@ from sam_hf import (
     tiny_sam_config,
     tiny_sam_processor,
 )
+from sam_hf.core.env import default_dataloader_num_workers
 from sam_hf.core.images import resized_shape
 from sam_hf.core.masks import mask_to_instances
 from sam_hf.data.cache import add_image_embeddings, default_embedding_batch_size
@@ -735,9 +736,7 @@ def main() -> None:
     cuda = args.device.type == "cuda"
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.batch_size = args.batch_size or (16 if args.mode == "passes" else 4 if cuda else 1)
-    args.num_workers = (
-        args.num_workers if args.num_workers is not None else (min(8, (os.cpu_count() or 2) - 1) if cuda else 0)
-    )
+    args.num_workers = args.num_workers if args.num_workers is not None else default_dataloader_num_workers(cuda)
     args.per_object_naive = (not cuda) if args.per_object_naive is None else args.per_object_naive
     if args.mode == "speed" and args.epochs < 2:
         parser.error("--epochs must be >= 2 to measure steady-state epochs")

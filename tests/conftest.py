@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,11 @@ def trained_run(tiny_model_dir, nuclei_dir, tmp_path_factory):
     ]
     metrics = run_training(*parse_args(argv))
     return out, metrics
+
+
+def numpy_dice_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of one pair of masks, written out in numpy for tests to compare sam_hf's scores with."""
+    inter = np.logical_and(pred, ref).sum()
+    union = np.logical_or(pred, ref).sum()
+    total = pred.sum() + ref.sum()
+    return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)

@@ -26,6 +26,7 @@ def _missing_docs_packages() -> list[str]:
     return missing
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     missing = _missing_docs_packages()
     if missing:

@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ _SERVE_LIMITS = [
 ]
 
 
-def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+def _add_serve_parser(subparsers: Any) -> None:
     try:
         from .serve.settings import ServeSettings
 
@@ -133,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_autolabel_parser(subparsers: argparse._SubParsersAction) -> None:
+def _add_autolabel_parser(subparsers: Any) -> None:
     from dataclasses import fields
 
     from transformers import HfArgumentParser

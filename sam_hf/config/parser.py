@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,12 +38,19 @@ def parse_args(
             return _with_defaults(*parsed, given)
         argv = config_to_argv(path) + list(argv[1:])
     parsed = parser.parse_args_into_dataclasses(args=argv)
-    return _with_defaults(*parsed, _given_names(parser, argv))
+    return _with_defaults(*parsed, _given_names(argv))
 
 
-def _given_names(parser: HfArgumentParser, argv: list[str]) -> set[str]:
+def _flag_names() -> set[str]:
+    """Every long flag `HfArgumentParser` makes of `ARGUMENT_CLASSES`: one per field, and `no_<field>` for the
+    booleans that default to true."""
+    fields = [f for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init]
+    return {f.name for f in fields} | {f"no_{f.name}" for f in fields if f.default is True}
+
+
+def _given_names(argv: list[str]) -> set[str]:
     """The argument names present in `argv`; argparse also accepts --output-dir, --output_dir=x and unique prefixes."""
-    known = {o.lstrip("-").replace("-", "_") for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    known = _flag_names()
     given = set()
     for arg in argv:
         if not arg.startswith("--"):

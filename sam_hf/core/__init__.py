@@ -15,10 +15,11 @@ from .masks import (
 )
 from .prompts import PromptError, validate_prompts
 from .rle import decode_rle, encode_rle, polygons_to_mask, rle_counts_to_string, rle_string_to_counts
-from .scores import dice_per_object, object_stats, scores_from_stats
+from .scores import average_precision, dice_per_object, match_masks, object_stats, scores_from_stats
 from .windows import object_window, tile_origins
 
 __all__ = [
+    "average_precision",
     "PromptError",
     "boxes_from_instances",
     "boxes_from_masks",
@@ -33,6 +34,7 @@ __all__ = [
     "instance_map",
     "label_image",
     "mask_to_instances",
+    "match_masks",
     "next_click",
     "object_stats",
     "object_window",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
+from torchvision.ops import masks_to_boxes
 
 MASK_TYPES = ("auto", "instance", "binary", "semantic")
 
@@ -103,6 +106,25 @@ def boxes_from_instances(instances: np.ndarray) -> np.ndarray:
     return boxes
 
 
+def paint_masks(masks: Sequence[np.ndarray], shape: tuple[int, int], skip: np.ndarray | None = None) -> np.ndarray:
+    """Paint boolean masks into one `(H, W)` int64 map, mask `i` as `i + 1` and 0 where no mask is.
+
+    Masks are painted largest first, so where masks overlap the smaller one wins and small objects inside larger
+    ones stay visible (masks of equal area: the later one wins).
+
+    Args:
+        masks (`Sequence[np.ndarray]`): `N` boolean masks of shape `shape` (an `(N, H, W)` array or a list).
+        shape (`tuple[int, int]`): `(H, W)`, which an empty `masks` cannot tell.
+        skip (`np.ndarray`, *optional*): `(N,)` bool, masks left out of the painting.
+    """
+    areas = np.array([int(np.count_nonzero(m)) for m in masks], np.int64)
+    painted = np.zeros(shape, np.int64)
+    for i in np.argsort(-areas, kind="stable"):
+        if skip is None or not skip[i]:
+            painted[masks[i]] = i + 1
+    return painted
+
+
 def label_image(masks: np.ndarray) -> np.ndarray:
     """Merge `(N, H, W)` boolean masks into one `(H, W)` uint16 label image (object `i` -> label `i + 1`).
 
@@ -113,10 +135,7 @@ def label_image(masks: np.ndarray) -> np.ndarray:
         raise ValueError(f"Expected masks of shape (N, H, W), got {masks.shape}.")
     if len(masks) >= np.iinfo(np.uint16).max:
         raise ValueError(f"Too many masks for a uint16 label image: {len(masks)}.")
-    out = np.zeros(masks.shape[1:], np.uint16)
-    for i in np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable"):
-        out[masks[i]] = i + 1
-    return out
+    return paint_masks(masks, masks.shape[1:]).astype(np.uint16)
 
 
 def instance_map(
@@ -143,10 +162,7 @@ def instance_map(
     n, height, width = masks.shape
     areas = masks.reshape(n, height * width).sum(1)
     large = areas > max_area_fraction * height * width
-    painted = np.zeros((height, width), np.int64)
-    for i in np.argsort(-areas, kind="stable"):
-        if not large[i]:
-            painted[masks[i]] = i + 1
+    painted = paint_masks(masks, (height, width), skip=large)
     visible = np.bincount(painted.ravel(), minlength=n + 1)[1:]
     hidden = (visible == 0) & ~large & (areas > 0)
     small = ~large & (visible < max(min_area, 1)) & ~hidden
@@ -159,31 +175,24 @@ def instance_map(
     return lut[painted], kept, counts
 
 
-def _mask_boxes(masks: Any) -> np.ndarray:
-    """Inclusive xyxy boxes `(N, 4)` of non-empty `(H, W)` bool masks, one mask at a time: memory stays at one row
-    and one column profile per mask, where a stacked `(N, H, W)` computation would hold several copies of them all."""
-    boxes = np.zeros((len(masks), 4), np.float32)
-    for k, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        boxes[k] = cols[0], rows[0], cols[-1], rows[-1]
-    return boxes
-
-
 def boxes_from_masks(masks: Any) -> np.ndarray:
     """Exact xyxy boxes `(K, 4)` of `(K, H, W)` masks, inclusive like `sam_hf.core.boxes_from_instances`.
 
     A box is `[x_min, y_min, x_max, y_max]` of the outermost pixels of its mask; an empty mask gives a row of NaN.
     Unlike `boxes_from_instances`, the masks may overlap.
 
+    Masks are boxed one at a time (torchvision's `masks_to_boxes`), so a list of masks is never stacked: memory stays
+    at one mask and its row and column profiles, however many masks there are.
+
     Args:
-        masks: `(K, H, W)` boolean masks (or one `(H, W)` mask).
+        masks: `(K, H, W)` boolean masks, a list of `(H, W)` masks, or one `(H, W)` mask.
     """
-    masks = _as_masks(masks)
+    masks = masks if isinstance(masks, list | tuple) else _as_masks(masks)
     boxes = np.full((len(masks), 4), np.nan, np.float32)
     for i, mask in enumerate(masks):
-        ys, xs = np.nonzero(mask)
-        if len(xs):
-            boxes[i] = (xs.min(), ys.min(), xs.max(), ys.max())
+        mask = torch.as_tensor(np.asarray(mask, bool))[None]
+        if mask.any():
+            boxes[i] = masks_to_boxes(mask)[0].numpy()
     return boxes
 
 

@@ -11,7 +11,10 @@ from .masks import _as_masks
 
 
 def object_stats(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Intersection, predicted area and ground-truth area of boolean masks `(K, H, W)` -> `(K, 3)` float64."""
+    """Intersection, predicted area and ground-truth area of paired masks `(K, H, W)` -> `(K, 3)` float64.
+
+    Every per-object Dice and IoU of sam_hf comes from these three counts (`scores_from_stats`), on any device.
+    """
     pred, target = pred.bool().flatten(1), target.bool().flatten(1)
     return torch.stack([(pred & target).sum(1), pred.sum(1), target.sum(1)], dim=1).double()
 
@@ -25,17 +28,12 @@ def scores_from_stats(stats: np.ndarray) -> dict[str, np.ndarray]:
     return {"dice": dice, "iou": iou}
 
 
-def _dice(pred: np.ndarray, target: np.ndarray) -> float:
-    total = pred.sum() + target.sum()
-    return 1.0 if total == 0 else float(2 * (pred & target).sum() / total)
-
-
 def average_precision(scores: Any, hits: Any, num_objects: int) -> float:
     """Average precision of scored detections at one IoU threshold, as COCO computes it.
 
     Args:
         scores (`array-like`): `(M,)` confidence of each detection, over all images.
-        hits (`array-like`): `(M,)` whether each detection is a true positive (see `_best_ious`).
+        hits (`array-like`): `(M,)` whether each detection is a true positive (see `match_masks`).
         num_objects (`int`): ground-truth objects over all images.
 
     Returns:
@@ -69,6 +67,44 @@ def dice_per_object(pred_masks: Any, gt_masks: Any) -> np.ndarray:
     pred, gt = _as_masks(pred_masks, "predicted masks"), _as_masks(gt_masks, "ground-truth masks")
     if pred.shape != gt.shape:
         raise ValueError(f"Predicted masks {pred.shape} and ground-truth masks {gt.shape} must have the same shape.")
-    pred, gt = pred.reshape(len(pred), -1), gt.reshape(len(gt), -1)
-    stats = np.stack([(pred & gt).sum(1), pred.sum(1), gt.sum(1)], axis=1)
-    return scores_from_stats(stats)["dice"] if len(stats) else np.zeros(0)
+    if not len(pred):
+        return np.zeros(0)
+    return scores_from_stats(object_stats(torch.from_numpy(pred), torch.from_numpy(gt)).numpy())["dice"]
+
+
+def match_masks(
+    generated: Any, instances: np.ndarray, num_objects: int, scores: Any = None
+) -> tuple[np.ndarray, int, int, np.ndarray]:
+    """Match generated masks against the objects `1..num_objects` of an instance map, one mask at a time.
+
+    Returns:
+        `(best, matched, count, hits)`: per object the best IoU of any generated mask `(num_objects,)` (0 if none),
+        the number of generated masks whose best IoU with some object is at least 0.5, the number of masks, and per
+        mask (in the order given) whether it is a true positive at IoU 0.5 when masks claim objects one to one in
+        descending `scores` (the order given without scores), each taking the free object it overlaps most, as
+        COCO's matching does.
+
+    Intersections come from a histogram of the instance ids under each mask, so memory is one mask, one `(H, W)`
+    instance map and a few arrays of `num_objects` numbers, whatever the number of objects or masks; no
+    `(objects, H, W)` or `(masks, objects)` array is made.
+    """
+    flat = instances.ravel()
+    gt_area = np.bincount(flat, minlength=num_objects + 1)[1 : num_objects + 1].astype(np.float64)
+    best = np.zeros(num_objects)
+    taken = np.zeros(num_objects, bool)
+    generated = list(generated)
+    order = np.arange(len(generated)) if scores is None else np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    hits = np.zeros(len(generated), bool)
+    matched = 0
+    for i in order:
+        mask = generated[i]
+        mask = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, dtype=bool).ravel()
+        inter = np.bincount(flat[mask], minlength=num_objects + 1)[1 : num_objects + 1].astype(np.float64)
+        union = mask.sum() + gt_area - inter
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+        np.maximum(best, iou, out=best)
+        matched += bool(num_objects and iou.max() >= 0.5)
+        free = np.where(~taken & (iou >= 0.5))[0]
+        if len(free):
+            taken[free[np.argmax(iou[free])]] = hits[i] = True
+    return best, matched, len(generated), hits

@@ -8,53 +8,17 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.images import to_rgb_array
 from ..core.masks import mask_to_instances
-from ..core.scores import average_precision
+from ..core.scores import average_precision, match_masks
+from ..inference.automatic import mask_generation_pipeline
 from ..inference.predictor import SamPredictor
 from ..inference.windowed import refine_on_object_crops
 
 logger = logging.getLogger(__name__)
-
-
-def _best_ious(
-    generated: Any, instances: np.ndarray, num_objects: int, scores: Any = None
-) -> tuple[np.ndarray, int, int, np.ndarray]:
-    """Match generated masks against the objects `1..num_objects` of an instance map, one mask at a time.
-
-    Returns:
-        `(best, matched, count, hits)`: per object the best IoU of any generated mask `(num_objects,)` (0 if none),
-        the number of generated masks whose best IoU with some object is at least 0.5, the number of masks, and per
-        mask (in the order given) whether it is a true positive at IoU 0.5 when masks claim objects one to one in
-        descending `scores` (the order given without scores), each taking the free object it overlaps most, as
-        COCO's matching does.
-
-    Intersections come from a histogram of the instance ids under each mask, so memory is one mask, one `(H, W)`
-    instance map and a few arrays of `num_objects` numbers, whatever the number of objects or masks; no
-    `(objects, H, W)` or `(masks, objects)` array is made.
-    """
-    flat = instances.ravel()
-    gt_area = np.bincount(flat, minlength=num_objects + 1)[1 : num_objects + 1].astype(np.float64)
-    best = np.zeros(num_objects)
-    taken = np.zeros(num_objects, bool)
-    generated = list(generated)
-    order = np.arange(len(generated)) if scores is None else np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    hits = np.zeros(len(generated), bool)
-    matched = 0
-    for i in order:
-        mask = generated[i]
-        mask = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, dtype=bool).ravel()
-        inter = np.bincount(flat[mask], minlength=num_objects + 1)[1 : num_objects + 1].astype(np.float64)
-        union = mask.sum() + gt_area - inter
-        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-        np.maximum(best, iou, out=best)
-        matched += bool(num_objects and iou.max() >= 0.5)
-        free = np.where(~taken & (iou >= 0.5))[0]
-        if len(free):
-            taken[free[np.argmax(iou[free])]] = hits[i] = True
-    return best, matched, len(generated), hits
 
 
 def evaluate_automatic(
@@ -86,21 +50,15 @@ def evaluate_automatic(
         matching some object at IoU >= 0.5) and `ap@0.5` (average precision of the masks ranked by their scores,
         matched one to one: whether the scores put good masks first).
 
-    Ground-truth objects are matched through the instance map (see `_best_ious`), never as `(objects, H, W)`
-    masks: besides the pipeline's own output, memory is one mask and a few numbers per object at a time.
+    Ground-truth objects are matched through the instance map (see `sam_hf.core.match_masks`), never as
+    `(objects, H, W)` masks: besides the pipeline's own output, memory is one mask and a few numbers per object at a
+    time.
     """
-    from PIL import Image
-    from transformers import pipeline
-
     out = {}
     for name, model in models.items():
         if not isinstance(model, SamPredictor) and object_crop_scale:
             model = SamPredictor.from_pretrained(str(model), device=device)
-        if isinstance(model, SamPredictor):
-            kwargs = {"model": model.model, "image_processor": model.processor.image_processor}
-        else:
-            kwargs = {"model": str(model)}
-        generator = pipeline("mask-generation", device=device, **kwargs)
+        generator = mask_generation_pipeline(model, device=device)
         best, matched, num_masks, all_scores, all_hits = [], 0, 0, [], []
         for idx in tqdm(range(len(dataset)), desc=f"Automatic masks ({name})", unit="image"):
             row = dataset[idx]
@@ -116,7 +74,7 @@ def evaluate_automatic(
             masks, scores = result["masks"], torch.as_tensor(result["scores"]).double().cpu().numpy().reshape(-1)
             if object_crop_scale:
                 masks, scores = refine_on_object_crops(model, image, masks, object_crop_scale)
-            image_best, image_matched, count, hits = _best_ious(masks, instances, int(instances.max()), scores)
+            image_best, image_matched, count, hits = match_masks(masks, instances, int(instances.max()), scores)
             best.extend(image_best.tolist())
             matched += image_matched
             num_masks += count

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..core.clicks import interior_point, next_click
 from ..core.images import to_rgb_array
 from ..core.masks import mask_to_instances
-from ..core.scores import _dice
+from ..core.scores import dice_per_object
 from ..inference.predictor import SamPredictor
 from .boxes import encoder_groups, set_shared_image
 
@@ -80,7 +80,7 @@ def interactive_curve(predictor: Any, target: np.ndarray, box: np.ndarray | None
             prompts["point_labels"] = np.asarray(labels)[None]
         result = predictor.predict(**prompts, mask_input=mask_input)
         pred = result.masks[0, 0]
-        scores.append(_dice(pred, target))
+        scores.append(float(dice_per_object(pred[None], target[None])[0]))
         if len(scores) == num_clicks + 1:
             break
         click = next_click(pred, target)

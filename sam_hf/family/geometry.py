@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.images import resized_shape
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -29,10 +31,7 @@ class Geometry:
     def resized(self, height: int, width: int, side: int | None = None) -> tuple[int, int]:
         """The `(H, W)` an image of `(height, width)` takes inside a square frame of `side` (default: the input)."""
         side = self.image_size if side is None else side
-        if not self.pads:
-            return side, side
-        scale = side / max(height, width)
-        return int(height * scale + 0.5), int(width * scale + 0.5)
+        return resized_shape(height, width, side) if self.pads else (side, side)
 
     def label_shape(self, height: int, width: int) -> tuple[int, int]:
         """The `(H, W)` of the image inside the low-resolution mask frame; the rest of the frame is padding."""

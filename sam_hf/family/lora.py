@@ -139,9 +139,10 @@ def trained_modules(model: torch.nn.Module) -> list[str]:
 
 def _active(module: torch.nn.Module) -> torch.nn.Module:
     """The module a peft `ModulesToSaveWrapper` runs (its trainable copy); any other module as it is."""
-    copies = getattr(module, "modules_to_save", None)
-    if isinstance(copies, torch.nn.ModuleDict) and hasattr(module, "original_module"):
-        return copies[module.active_adapter]
+    from peft.utils import ModulesToSaveWrapper
+
+    if isinstance(module, ModulesToSaveWrapper):
+        return module.modules_to_save[module.active_adapter]
     return module
 
 
@@ -155,7 +156,7 @@ def _retie(peft_model: torch.nn.Module, base: torch.nn.Module) -> None:
     for target, source in (getattr(base, "all_tied_weights_keys", None) or {}).items():
 
         def resolve(dotted: str):
-            owner = peft_model.base_model.model
+            owner = peft_model.get_base_model()
             *path, leaf = dotted.split(".")
             for part in path:
                 owner = _active(getattr(owner, part))

@@ -89,14 +89,8 @@ def tiny_sam_config(
 def tiny_sam_processor(config: SamConfig) -> SamProcessor:
     """A `SamProcessor` whose image and mask sizes match `config` (input side and low-resolution mask side)."""
     image_size = config.vision_config.image_size
-    mask_side = 4 * (image_size // config.vision_config.patch_size)
-    image_processor = SamImageProcessorPil(
-        size={"longest_edge": image_size},
-        pad_size={"height": image_size, "width": image_size},
-        mask_size={"longest_edge": mask_side},
-        mask_pad_size={"height": mask_side, "width": mask_side},
-    )
-    return SamProcessor(image_processor=image_processor)
+    geometry = Geometry(image_size, mask_side=4 * (image_size // config.vision_config.patch_size), pads=True)
+    return _padded_processor(SamProcessor)(geometry)
 
 
 def _tiny_sam(image_size: int = 128, **kwargs: Any) -> PretrainedConfig:

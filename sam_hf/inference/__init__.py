@@ -3,6 +3,7 @@ text prompts."""
 
 from __future__ import annotations
 
+from .automatic import mask_generation_pipeline, trained_crop_scale
 from .predictor import SamPrediction, SamPredictor
 from .text_prompts import (
     DEFAULT_TEXT_MODEL,
@@ -25,5 +26,7 @@ __all__ = [
     "check_text",
     "heatmap_image",
     "heatmap_to_boxes",
+    "mask_generation_pipeline",
     "refine_on_object_crops",
+    "trained_crop_scale",
 ]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..core.images import to_rgb_array
-from ..core.masks import _mask_boxes
+from ..core.masks import boxes_from_masks
 from ..core.prompts import validate_prompts
 from ..core.windows import check_crop_scale, object_window, tile_origins
 from .predictor import SamPrediction
@@ -215,7 +215,7 @@ def refine_on_object_crops(
     proposals = [m for m in proposals if m.any()]
     if not proposals:
         return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
-    boxes = np.unique(_mask_boxes(proposals), axis=0)
+    boxes = np.unique(boxes_from_masks(proposals), axis=0)
     result = ObjectCropPredictor(predictor, scale)(image, boxes=boxes)
     refined, scores = result.masks[:, 0], result.scores[:, 0].astype(np.float32)
     filled = refined.reshape(len(refined), -1).any(axis=1)
@@ -224,7 +224,7 @@ def refine_on_object_crops(
     refined, scores = refined[filled], scores[filled]
     if not len(refined):
         return np.zeros((0, height, width), bool), np.zeros(0, np.float32)
-    keep = nms(torch.from_numpy(_mask_boxes(refined)), torch.from_numpy(scores), nms_thresh).numpy()
+    keep = nms(torch.from_numpy(boxes_from_masks(refined)), torch.from_numpy(scores), nms_thresh).numpy()
     logger.debug(
         "Object-crop refinement: %d proposals, %d distinct boxes, %d masks kept.",
         len(proposals),

@@ -19,6 +19,7 @@ def image_files(nuclei_dir):
     return sorted((nuclei_dir / "images").iterdir())[:2]
 
 
+@pytest.mark.slow
 def test_cli_boxes_write_masks_labels_overlay(tiny_model_dir, image_files, tmp_path):
     boxes = [[10.0, 12.0, 60.0, 70.0], [100.0, 40.0, 180.0, 170.0]]
     cmd = [

@@ -264,6 +264,7 @@ def test_write_coco_round_trip_reproduces_the_instance_maps(tmp_path, nuclei_dir
         write_coco(source, tmp_path / "coco")
 
 
+@pytest.mark.slow
 def test_training_runs_on_a_coco_source(tmp_path, tiny_model_dir, nuclei_dir):
     from sam_hf.config.parser import parse_args
     from sam_hf.training.run import run_training

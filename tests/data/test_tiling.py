@@ -71,6 +71,7 @@ def test_cut_objects_are_kept_or_dropped_by_their_visible_fraction(caplog):
     assert "1 fragments dropped" in caplog.text
 
 
+@pytest.mark.slow
 def test_training_on_tiles(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     from sam_hf.config.parser import parse_args
     from sam_hf.training.run import run_training
@@ -315,6 +316,7 @@ def test_refinement_on_object_crops_decodes_each_box_once_and_keeps_the_best_of_
         refine_on_object_crops(predictor, image, list(proposals), scale=0.5)
 
 
+@pytest.mark.slow
 def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     from PIL import Image
 

@@ -4,58 +4,20 @@ import json
 import subprocess
 import sys
 
-import evaluate
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, numpy_dice_iou
 from transformers import SamModel, SamProcessor, TrainingArguments
 
-import sam_hf.evaluation.object_metrics
 from sam_hf import SamDataCollator, SamPredictor, SamTrainer, SamTransform
 from sam_hf.core.masks import boxes_from_instances, mask_to_instances
 from sam_hf.data.indexing import index_objects
 from sam_hf.data.sources import load_source
 from sam_hf.evaluation.arguments import parse_model_specs
-from sam_hf.evaluation.boxes import evaluate_models, load_object_metrics
+from sam_hf.evaluation.boxes import evaluate_models
 from sam_hf.evaluation.report import summarize, to_markdown
 from sam_hf.training.metrics import compute_metrics
-
-
-def _numpy_dice_iou(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    inter = np.logical_and(pred, ref).sum()
-    union = np.logical_or(pred, ref).sum()
-    total = pred.sum() + ref.sum()
-    return (2 * inter / total if total else 1.0), (inter / union if union else 1.0)
-
-
-@pytest.mark.parametrize(
-    ("pred", "ref", "dice", "iou"),
-    [
-        ([[1, 1], [0, 0]], [[1, 0], [0, 0]], 2 / 3, 1 / 2),  # |P|=2, |G|=1, |P&G|=1
-        ([[1, 1, 1]], [[0, 1, 1]], 4 / 5, 2 / 3),
-        ([[0, 0]], [[1, 1]], 0.0, 0.0),
-        ([[0, 0]], [[0, 0]], 1.0, 1.0),  # empty vs empty scores 1
-        ([[1, 0], [0, 1]], [[1, 0], [0, 1]], 1.0, 1.0),
-    ],
-)
-def test_object_metrics_module_by_hand(pred, ref, dice, iou):
-    metric = evaluate.load(sam_hf.evaluation.object_metrics.__file__)  # by path: no Hub
-    out = metric.compute(predictions=[pred], references=[ref], return_per_object=True)
-    assert out["mean_dice"] == pytest.approx(dice) and out["mean_iou"] == pytest.approx(iou)
-    assert out["num_objects"] == 1 and out["area"][0] == np.sum(ref)
-
-
-def test_object_metrics_batches_and_shape_errors():
-    metric = load_object_metrics()
-    metric.add_batch(predictions=[[[1, 1]], [[1, 0, 0]]], references=[[[1, 0]], [[1, 1, 0]]])
-    metric.add(predictions=[[0]], references=[[1]])
-    out = metric.compute()
-    # Dice 2/3, 2/3, 0 -> mean 4/9, median 2/3; IoU 1/2, 1/2, 0.
-    assert out["mean_dice"] == pytest.approx(4 / 9) and out["median_dice"] == pytest.approx(2 / 3)
-    assert out["mean_iou"] == pytest.approx(1 / 3) and out["num_objects"] == 3
-    with pytest.raises(ValueError, match="shape"):
-        load_object_metrics().compute(predictions=[[[1, 1]]], references=[[[1, 1, 1]]])
 
 
 def test_model_specs():
@@ -70,6 +32,7 @@ def eval_images(nuclei_dir):
     return index_objects(ds, "auto", "eval")
 
 
+@pytest.mark.slow
 def test_evaluation_agrees_with_independent_numpy(eval_images, tiny_model_dir, trained_run):
     tuned_dir, _ = trained_run
     predictors = {
@@ -96,7 +59,7 @@ def test_evaluation_agrees_with_independent_numpy(eval_images, tiny_model_dir, t
             )
             expected_scores.extend(out.iou_scores[0, :, 0].tolist())
             for k, mask in enumerate(masks[0][:, 0].numpy()):
-                d, i = _numpy_dice_iou(mask, inst == k + 1)
+                d, i = numpy_dice_iou(mask, inst == k + 1)
                 expected_dice.append(d)
                 expected_iou.append(i)
                 areas.append(int((inst == k + 1).sum()))
@@ -140,6 +103,7 @@ def test_shared_encoding_and_seeded_jitter(eval_images, tiny_model_dir):
     assert [o["dice"]["a"] for o in j1] != [o["dice"]["a"] for o in exact]
 
 
+@pytest.mark.slow
 def test_trainer_evaluation_counts_each_object_once(eval_images, trained_run, tmp_path):
     """In-training eval (batched, objects padded to the batch maximum) equals the per-image evaluation."""
     tuned_dir, _ = trained_run
@@ -161,6 +125,7 @@ def test_trainer_evaluation_counts_each_object_once(eval_images, trained_run, tm
     assert metrics["eval_dice"] == pytest.approx(np.mean([o["dice"]["t"] for o in independent]), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_evaluate_script_writes_json_and_markdown(tiny_model_dir, trained_run, nuclei_dir, tmp_path):
     tuned_dir, _ = trained_run
     out = tmp_path / "eval"
@@ -196,10 +161,10 @@ def test_automatic_mask_evaluation_against_numpy(eval_images, tiny_model_dir):
     inst = mask_to_instances(row["label"])
     best = []
     for k in range(1, inst.max() + 1):
-        ious = [_numpy_dice_iou(np.asarray(m, bool), inst == k)[1] for m in result["masks"]]
+        ious = [numpy_dice_iou(np.asarray(m, bool), inst == k)[1] for m in result["masks"]]
         best.append(max(ious))
     matched = sum(
-        any(_numpy_dice_iou(np.asarray(m, bool), inst == k)[1] >= 0.5 for k in range(1, inst.max() + 1))
+        any(numpy_dice_iou(np.asarray(m, bool), inst == k)[1] >= 0.5 for k in range(1, inst.max() + 1))
         for m in result["masks"]
     )
     # AP from the pipeline's scores: masks in descending score each claim the free object they overlap most.
@@ -208,7 +173,7 @@ def test_automatic_mask_evaluation_against_numpy(eval_images, tiny_model_dir):
     scores = np.asarray(result["scores"], np.float64).reshape(-1)
     free, hits = set(range(1, inst.max() + 1)), []
     for j in np.argsort(-scores, kind="stable"):
-        ious = {k: _numpy_dice_iou(np.asarray(result["masks"][j], bool), inst == k)[1] for k in free}
+        ious = {k: numpy_dice_iou(np.asarray(result["masks"][j], bool), inst == k)[1] for k in free}
         k = max(ious, key=ious.get, default=None)
         hits.append(k is not None and ious[k] >= 0.5)
         if hits[-1]:
@@ -287,7 +252,7 @@ def test_chunked_evaluation_matches_the_dense_computation(tiny_model_dir):
     pred = np.zeros_like(gt)
     for i, (x0, y0, x1, y1) in enumerate(np.round(np.concatenate(predictor.calls)).astype(int)):
         pred[i, y0 : y1 + 1, x0 : x1 + 1] = True
-    expected = [_numpy_dice_iou(p, g) for p, g in zip(pred, gt)]
+    expected = [numpy_dice_iou(p, g) for p, g in zip(pred, gt)]
     np.testing.assert_allclose([o["dice"]["m"] for o in objects], [e[0] for e in expected], rtol=1e-12)
     np.testing.assert_allclose([o["iou"]["m"] for o in objects], [e[1] for e in expected], rtol=1e-12)
     assert 0.05 < np.mean([e[0] for e in expected]) < 0.9  # a case where cropping mistakes would show
@@ -319,7 +284,7 @@ def test_evaluation_memory_does_not_grow_with_objects(tiny_model_dir):
 
 
 def test_automatic_matching_through_the_instance_map_matches_dense_iou():
-    from sam_hf.evaluation.automatic import _best_ious
+    from sam_hf.core.scores import match_masks
 
     rng = np.random.default_rng(3)
     instances = np.zeros((30, 40), np.int32)
@@ -332,17 +297,17 @@ def test_automatic_matching_through_the_instance_map_matches_dense_iou():
     generated = [rng.random((30, 40)) < 0.1, instances == 2, (instances == 3) | (instances == 4), np.zeros((30, 40))]
     # Dense reference: IoU of every (mask, object) pair from full (K, H, W) masks.
     iou = np.array(
-        [[_numpy_dice_iou(np.asarray(g, bool), instances == k)[1] for k in range(1, n + 1)] for g in generated]
+        [[numpy_dice_iou(np.asarray(g, bool), instances == k)[1] for k in range(1, n + 1)] for g in generated]
     )
     iou[~np.array([np.asarray(g, bool).any() for g in generated])] = 0.0  # an empty mask matches nothing
-    best, matched, count, hits = _best_ious(generated, instances, n)
+    best, matched, count, hits = match_masks(generated, instances, n)
     np.testing.assert_allclose(best, iou.max(0))
     assert matched == int((iou.max(1) >= 0.5).sum()) and count == 4
     # One to one, by score: of two masks on object 2 only the higher-scoring one is a true positive.
     generated = [instances == 2, instances == 3, instances == 2, np.zeros((30, 40))]
-    _, matched, _, hits = _best_ious(generated, instances, n, scores=[0.2, 0.5, 0.9, 0.95])
+    _, matched, _, hits = match_masks(generated, instances, n, scores=[0.2, 0.5, 0.9, 0.95])
     assert hits.tolist() == [False, True, True, False] and matched == 3
-    _, _, _, hits = _best_ious(generated, instances, n)  # no scores: the order given
+    _, _, _, hits = match_masks(generated, instances, n)  # no scores: the order given
     assert hits.tolist() == [True, True, False, False]
 
 

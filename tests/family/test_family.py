@@ -143,6 +143,7 @@ def test_same_flags_freeze_the_same_parts(member_dir):
     assert not any(n.startswith("vision_encoder.") for n in trainable)
 
 
+@pytest.mark.slow
 def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_path):
     """A few steps through the training job, then every way users load and run the result."""
     out = tmp_path / "run"
@@ -257,6 +258,7 @@ def test_default_lora_targets_are_image_encoder_attention(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["sam_hq", "sam2"])
+@pytest.mark.slow
 def test_lora_training_of_multi_level_members(model_type, nuclei_dir, tmp_path):
     """Adapters on the encoder of members whose decoder reads several feature levels: the learning encoder runs once
     for the box and the point pass, and the merged checkpoint loads with the family's own class."""

@@ -55,6 +55,7 @@ def _outputs(model, seed=0):
         return model.eval()(pixel_values=pixels, input_boxes=boxes, multimask_output=False).pred_masks
 
 
+@pytest.mark.slow
 def test_output_layout_card_and_counts(lora_run):
     out, metrics = lora_run
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "eval_results.json"):
@@ -77,6 +78,7 @@ def test_output_layout_card_and_counts(lora_run):
     assert "vision_encoder (base weights; LoRA adapters trained)" in card
 
 
+@pytest.mark.slow
 def test_merged_equals_adapter_and_base_encoder_unchanged(lora_run, tiny_model_dir):
     out, _ = lora_run
     merged = SamModel.from_pretrained(out)
@@ -150,6 +152,7 @@ def _resume(straight, tmp_path, name, model_dir, nuclei_dir, tamper=False):
     return out
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_matches_straight_run(lora_run, tiny_model_dir, nuclei_dir, tmp_path):
     straight, _ = lora_run
     resumed = _resume(straight, tmp_path, "resumed", tiny_model_dir, nuclei_dir)
@@ -163,6 +166,7 @@ def test_resume_from_checkpoint_matches_straight_run(lora_run, tiny_model_dir, n
     assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith("qkv.weight"))
 
 
+@pytest.mark.slow
 def test_lora_merge_false_keeps_only_the_adapter(lora_run, tiny_model_dir, nuclei_dir, tmp_path):
     out = tmp_path / "adapter-only"
     argv = _argv(tiny_model_dir, nuclei_dir, out, "--lora_merge", "false", "--max_steps", "1", "--eval_strategy")
@@ -175,6 +179,7 @@ def test_lora_merge_false_keeps_only_the_adapter(lora_run, tiny_model_dir, nucle
     assert config.base_model_name_or_path == str(tiny_model_dir) and config.r == 4
 
 
+@pytest.mark.slow
 def test_merged_checkpoint_loads_without_peft(lora_run):
     """`SamModel.from_pretrained` and the pipeline load the merged output dir with peft unimportable."""
     out, _ = lora_run

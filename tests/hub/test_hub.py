@@ -50,6 +50,7 @@ def pushed(tiny_model_dir, nuclei_dir, tmp_path_factory):
     return {"out": out, "hub": hub, "train": train, "hf_home": hf_home}
 
 
+@pytest.mark.slow
 def test_upload_is_exactly_the_output_folder(pushed):
     out, hub = pushed["out"], pushed["hub"]
     final = hub.commits[-1]
@@ -66,6 +67,7 @@ def test_upload_is_exactly_the_output_folder(pushed):
     assert commits and all(r["auth"] == f"Bearer {TOKEN}" for r in commits)
 
 
+@pytest.mark.slow
 def test_token_is_never_written_or_logged(pushed):
     out, hub, train = pushed["out"], pushed["hub"], pushed["train"]
     for name, content in hub.files.items():
@@ -76,6 +78,7 @@ def test_token_is_never_written_or_logged(pushed):
     assert TOKEN not in train.stdout and TOKEN not in train.stderr
 
 
+@pytest.mark.slow
 def test_pushed_card_metadata_parses(pushed):
     card = ModelCard(pushed["hub"].files["README.md"].decode())
     data = card.data
@@ -87,6 +90,7 @@ def test_pushed_card_metadata_parses(pushed):
     assert f"{results['dice']:.4f}" in card.text
 
 
+@pytest.mark.slow
 def test_from_pretrained_offline_from_populated_cache(pushed):
     out = pushed["out"]
     code = f"""

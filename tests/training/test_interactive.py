@@ -122,6 +122,7 @@ def _train(model_dir, data_dir, out, *extra):
     run_training(*parse_args(argv))
 
 
+@pytest.mark.slow
 def test_interactive_training_runs_each_round_on_the_previous_logits(
     tiny_model_dir, nuclei_dir, tmp_path, monkeypatch
 ):
@@ -146,6 +147,7 @@ def test_interactive_training_runs_each_round_on_the_previous_logits(
     assert json.loads((out / "all_results.json").read_text())["train_loss"] > 0
 
 
+@pytest.mark.slow
 def test_interactive_training_with_the_encoder_unfrozen(tiny_model_dir, nuclei_dir, tmp_path):
     """Without the cache the features come from the first call (a learning encoder runs once per step)."""
     _train(
@@ -170,6 +172,7 @@ def test_interactive_evaluation_encodes_each_image_once_per_encoder(tiny_model_d
     assert result["models"]["a"] == result["models"]["b"]
 
 
+@pytest.mark.slow
 def test_evaluate_interactive_curve(tiny_model_dir, nuclei_dir, tmp_path):
     from sam_hf.config.arguments import DataArguments
     from sam_hf.evaluation.arguments import EvaluateArguments

@@ -90,6 +90,7 @@ def test_same_seed_gives_bit_identical_weights(tiny_model_dir, nuclei_dir, tmp_p
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run(tiny_model_dir, nuclei_dir, tmp_path):
     from transformers import SamModel, SamProcessor
 
@@ -110,6 +111,7 @@ def test_non_finite_loss_stops_the_run(tiny_model_dir, nuclei_dir, tmp_path):
     assert not (out / "model.safetensors").exists(), "a NaN model must not be saved"
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_stops_the_run(tiny_model_dir, nuclei_dir, tmp_path, monkeypatch):
     """A finite loss whose backward pass overflows: the step is refused, not applied."""
     from sam_hf.config.parser import parse_args

@@ -140,6 +140,7 @@ def test_gradient_accumulation_equivalence(tiny_model_dir, tmp_path):
         torch.testing.assert_close(accumulated[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 def test_output_dir_layout_and_metrics(trained_run):
     out, metrics = trained_run
     for name in (
@@ -165,6 +166,7 @@ def test_output_dir_layout_and_metrics(trained_run):
     assert len(evals) >= 2 and state["best_metric"] == pytest.approx(max(evals))
 
 
+@pytest.mark.slow
 def test_frozen_modules_bit_identical_and_decoder_changed(trained_run, tiny_model_dir):
     out, _ = trained_run
     base, tuned = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
@@ -178,6 +180,7 @@ def test_frozen_modules_bit_identical_and_decoder_changed(trained_run, tiny_mode
     assert iou_head and any(not torch.equal(base[n], tuned[n]) for n in iou_head), "the IoU head did not learn"
 
 
+@pytest.mark.slow
 def test_from_pretrained_round_trip_and_pipeline(trained_run, tmp_path):
     from transformers import pipeline
 
@@ -200,6 +203,7 @@ def test_from_pretrained_round_trip_and_pipeline(trained_run, tmp_path):
     assert all(m.shape == (96, 128) for m in result["masks"])
 
 
+@pytest.mark.slow
 def test_model_card_parses(trained_run):
     from huggingface_hub import ModelCard
 

@@ -96,6 +96,7 @@ def eval_logs(rows: list[tuple[int, float, float]]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sam_hf_imports_without_matplotlib():
     code = (
         "import sys\n"
@@ -513,6 +514,7 @@ def test_compare_runs_table_by_hand(three_runs):
         viz.compare_runs(three_runs, labels=["only-one"])
 
 
+@pytest.mark.slow
 def test_compare_runs_script_end_to_end(three_runs, tmp_path):
     output = tmp_path / "out" / "comparison.png"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -532,6 +534,7 @@ def test_compare_runs_script_end_to_end(three_runs, tmp_path):
     assert (np.abs(png - [255, 127, 14]).max(-1) < 30).sum() > 20
 
 
+@pytest.mark.slow
 def test_plots_of_a_real_run(trained_run, tmp_path):
     out, metrics = trained_run
     fig = viz.plot_loss_curves(out)
