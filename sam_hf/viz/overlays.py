@@ -6,9 +6,12 @@ import colorsys
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..core.images import to_rgb_array
+from ..core.masks import boxes_from_masks
 
 
 def label_colors(n: int) -> np.ndarray:
@@ -63,18 +66,18 @@ def overlay(
 ) -> Image.Image:
     """Draw `(N, H, W)` masks in distinct colours (`label_colors`) over the image, with the box outlines, the points
     (positive green, negative red) and, given `scores`, each mask's score (predicted IoU) at its box, or at the
-    mask's own bounding box when it has no box. Needs only Pillow."""
-    rgb = to_rgb_array(image).astype(np.float64)
-    masks = np.asarray(masks, bool)
-    colours = label_colors(len(masks)).astype(np.float64)
-    for mask, colour in zip(masks, colours):
-        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
-    out = Image.fromarray(rgb.round().astype(np.uint8))
-    draw = ImageDraw.Draw(out)
+    mask's own bounding box when it has no box. Masks and boxes are drawn by torchvision
+    (`draw_segmentation_masks`, `draw_bounding_boxes`), points and text by Pillow; no matplotlib."""
+    pixels = torch.from_numpy(to_rgb_array(image)).permute(2, 0, 1)
+    masks = np.asarray(masks, bool).reshape(-1, *pixels.shape[1:])
+    colours = [tuple(int(v) for v in c) for c in label_colors(len(masks))]
+    if len(masks):
+        pixels = draw_segmentation_masks(pixels, torch.from_numpy(masks), alpha=alpha, colors=colours)
     boxes = None if boxes is None else np.asarray(boxes, np.float64).reshape(-1, 4)
-    if boxes is not None:
-        for box, colour in zip(boxes, colours):
-            draw.rectangle([float(v) for v in box], outline=tuple(int(c) for c in colour), width=1)
+    if boxes is not None and len(boxes):
+        pixels = draw_bounding_boxes(pixels, torch.from_numpy(boxes), colors=colours[: len(boxes)], width=1)
+    out = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(out)
     if points is not None:
         points = np.asarray(points).reshape(-1, 2)
         labels = np.ones(len(points)) if point_labels is None else np.asarray(point_labels).reshape(-1)
@@ -84,12 +87,8 @@ def overlay(
     if scores is not None:
         font = _font(out.size)
         for i, (mask, score) in enumerate(zip(masks, np.asarray(scores, np.float64).reshape(-1))):
-            if boxes is not None and len(boxes) == len(masks):
-                anchor = boxes[i]
-            elif mask.any():
-                ys, xs = np.nonzero(mask)
-                anchor = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
-            else:
+            anchor = boxes[i] if boxes is not None and len(boxes) == len(masks) else boxes_from_masks([mask])[0]
+            if np.isnan(anchor).any():  # an empty mask without a box: nowhere to write its score
                 continue
             _score_text(draw, anchor, f"score {max(float(score), 0.0):.2f}", out.size, font)
     return out
