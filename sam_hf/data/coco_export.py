@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..core.images import to_rgb_array
 from ..core.masks import mask_to_instances
@@ -42,8 +43,6 @@ def write_coco(
     Returns:
         `Path` of the json file. Each image gets the single category `{"id": 1, "name": "object"}`.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(source, datasets.Dataset):
         source = load_source(os.fspath(source))[split]
     out = Path(output_dir)

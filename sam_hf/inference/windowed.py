@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import nms
 
 from ..core.images import to_rgb_array
 from ..core.masks import boxes_from_masks
@@ -206,7 +207,6 @@ def refine_on_object_crops(
         `(masks, scores)`: `(M, H, W)` bool refined masks and their `(M,)` predicted IoUs, highest first. Proposals
         with the same box are decoded once; refined masks that come back empty are dropped (counted in the log).
     """
-    from torchvision.ops import nms
 
     check_crop_scale(scale)
     image = to_rgb_array(image)
