@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from typing import Any
 
 import numpy as np
+
+#: Most pixels an RLE `size` may have: what a numpy array can index.
+_MAX_PIXELS = np.iinfo(np.intp).max
+
+#: Most 5-bit groups of one count of a compressed RLE string: 65 bits hold any 64-bit count.
+_MAX_GROUPS = 13
 
 
 def rle_string_to_counts(text: str) -> list[int]:
@@ -17,7 +24,8 @@ def rle_string_to_counts(text: str) -> list[int]:
     stored is the difference to the count two places earlier.
 
     Raises:
-        ValueError: for a character outside `'0'..'o'` or a string that ends inside a count.
+        ValueError: for a character outside `'0'..'o'`, a string that ends inside a count, or a count of more than
+            13 groups (65 bits; pycocotools' counts are 64-bit).
     """
     counts: list[int] = []
     pos, n = 0, len(text)
@@ -26,6 +34,10 @@ def rle_string_to_counts(text: str) -> list[int]:
         while more:
             if pos >= n:
                 raise ValueError(f"the compressed RLE string ends inside a count (after {len(counts)} counts)")
+            if shift >= 5 * _MAX_GROUPS:  # a longer count would only make a huge integer, slowly
+                raise ValueError(
+                    f"count {len(counts)} of the compressed RLE string has more than {_MAX_GROUPS} groups of 5 bits"
+                )
             code = ord(text[pos]) - 48
             if not 0 <= code < 64:
                 raise ValueError(
@@ -60,14 +72,15 @@ def rle_counts_to_string(counts: list[int] | np.ndarray) -> str:
     return "".join(chars)
 
 
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """Decode COCO RLE, uncompressed (`counts` a list) or compressed (`counts` a string), into an `(H, W)` bool mask.
+def rle_size(rle: Any) -> tuple[int, int]:
+    """The `(height, width)` of a COCO RLE object, after checking its form; nothing is decoded.
 
     Args:
-        rle (`dict`): `{"size": [H, W], "counts": [int, ...] | str}`.
+        rle: `{"size": [H, W], "counts": [int, ...] | str}`.
 
     Raises:
-        ValueError: for a malformed `size` or `counts`, negative runs, or runs that do not sum to `H * W`.
+        ValueError: for something other than an object with `size` and `counts`, or a `size` that is not two
+            non-negative integers (booleans, floats and strings are refused, not converted).
     """
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise ValueError(f"expected an RLE object with 'size' and 'counts', got {_short(rle)}")
@@ -75,22 +88,45 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     if not (isinstance(size, list | tuple) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size)):
         raise ValueError(f"RLE 'size' must be [height, width] (non-negative integers), got {_short(size)}")
     height, width = int(size[0]), int(size[1])
+    if height * width > _MAX_PIXELS:
+        raise ValueError(f"RLE 'size' {height}x{width} (HxW) has more pixels than an array can hold")
+    return height, width
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """Decode COCO RLE, uncompressed (`counts` a list) or compressed (`counts` a string), into an `(H, W)` bool mask.
+
+    Every run must be a non-negative integer and the runs must sum to `H * W`, summed as Python integers, before any
+    array is made, so no run can wrap around a fixed-width integer on its way to numpy.
+
+    Args:
+        rle (`dict`): `{"size": [H, W], "counts": [int, ...] | str}`.
+
+    Raises:
+        ValueError: for a malformed `size` (see `rle_size`) or `counts`, a negative or non-integer run (booleans,
+            floats and strings are refused, not converted), or runs that do not sum to `H * W`.
+    """
+    # Not pycocotools' decoder: its C loop writes each run without a bounds check, so the runs must be parsed and
+    # checked here anyway, and numpy then expands the checked runs.
+    height, width = rle_size(rle)
     counts = rle["counts"]
     if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
+        counts = counts.decode("ascii", errors="replace")
     if isinstance(counts, str):
         counts = rle_string_to_counts(counts)
-    elif not (isinstance(counts, list) and all(_is_int(c) for c in counts)):
+    elif not isinstance(counts, list | tuple):
         raise ValueError(
             f"RLE 'counts' must be a list of integers (uncompressed) or a string (compressed), got {_short(counts)}"
         )
-    runs = np.asarray(counts, dtype=np.int64)
-    if (runs < 0).any():
-        raise ValueError(f"RLE 'counts' has a negative run at index {int(np.argmax(runs < 0))}")
-    if int(runs.sum()) != height * width:
-        raise ValueError(
-            f"RLE runs sum to {int(runs.sum())} pixels but 'size' {height}x{width} (HxW) has {height * width}"
-        )
+    for i, count in enumerate(counts):
+        if not _is_int(count):
+            raise ValueError(f"RLE 'counts' must be non-negative integers; count {i} is {_short(count)}")
+        if count < 0:
+            raise ValueError(f"RLE 'counts' has a negative run at index {i}: {count}")
+    total = sum(int(c) for c in counts)
+    if total != height * width:
+        raise ValueError(f"RLE runs sum to {total} pixels but 'size' {height}x{width} (HxW) has {height * width}")
+    runs = np.asarray(counts, dtype=np.int64)  # each run is at most H * W, which fits (see rle_size)
     values = np.arange(len(runs)) % 2 == 1
     return np.repeat(values, runs).reshape((height, width), order="F")
 
@@ -158,7 +194,8 @@ def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A Python or numpy integer, not a bool (nor a float or string that would convert to one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -41,7 +41,8 @@ import datasets
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..core.rle import _is_int, _short, decode_rle, polygons_to_mask
+from ..core.masks import paint_masks
+from ..core.rle import _is_int, _short, decode_rle, polygons_to_mask, rle_size
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,9 @@ def annotation_mask(annotation: dict[str, Any], height: int, width: int, where: 
         )
     seg = annotation["segmentation"]
     if isinstance(seg, dict):
-        size = seg.get("size")
-        if isinstance(size, list | tuple) and [int(v) for v in size if _is_int(v)] != [height, width]:
-            raise ValueError(f"{where}: RLE 'size' is {_short(size)} but the image is [{height}, {width}] ([H, W]).")
         try:
+            if rle_size(seg) != (height, width):  # checked before anything is decoded
+                raise ValueError(f"RLE 'size' is {_short(seg['size'])} but the image is [{height}, {width}] ([H, W])")
             return decode_rle(seg)
         except ValueError as err:
             raise ValueError(f"{where}: {err}.") from err
@@ -330,10 +330,7 @@ def _instance_map(image: dict[str, Any], json_path: Path) -> tuple[np.ndarray, l
             f"{json_path}: image {image['id']!r} has {len(anns)} annotations; at most 65,534 fit a 16-bit "
             "instance map."
         )
-    masks = [annotation_mask(a, height, width) for a in anns]
-    out = np.zeros((height, width), np.uint16)
-    for k in sorted(range(len(masks)), key=lambda k: -int(masks[k].sum())):
-        out[masks[k]] = k + 1
+    out = paint_masks([annotation_mask(a, height, width) for a in anns], (height, width)).astype(np.uint16)
     visible = np.bincount(out.ravel(), minlength=len(anns) + 1)[1:]
     hidden = [anns[k]["id"] for k in np.flatnonzero(visible == 0)]
     return out, hidden

@@ -22,7 +22,8 @@ refines each automatic mask on one, as in training (`ServeSettings.object_crop_s
 used (`"object_crop_scale"`, `null` for the whole image).
 
 Every model call runs in a worker thread under one lock, so the event loop stays free and concurrent requests
-never share the predictor's image state. Bad input gets a 4xx JSON `{"detail": "..."}` that says what was wrong.
+never share the predictor's image state (`jobs`). Bad input gets a 4xx JSON `{"detail": "..."}` that says what was
+wrong; the OpenAPI description (`/openapi.json`, from `schema`) documents every status with its body.
 """
 
 from __future__ import annotations
@@ -38,46 +39,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
-from .requests import _FORMATS_TEXT, _file_part, _mask_format, _read_form, _text_part
+from .requests import _file_part, _mask_format, _read_form, _text_part, _UploadLimit
+from .schema import _PROMPTS_EXAMPLE, AUTO_BODY, AUTO_RESPONSES, HEALTH_RESPONSES, SEGMENT_BODY, SEGMENT_RESPONSES
 from .service import _ModelService
 from .settings import ServeSettings, _MaskFormatQuery
 
 logger = logging.getLogger(__name__)
-
-
-_PROMPTS_EXAMPLE = '{"boxes": [[10, 20, 110, 140]]}'
-
-
-_MULTIPART_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary", "description": f"One of {_FORMATS_TEXT}."},
-                        "prompts": {
-                            "type": "string",
-                            "description": "JSON object with `boxes` (N x 4 xyxy pixels), `points` (N x P x 2 xy "
-                            "pixels), `point_labels` (N x P, 1 positive / 0 negative) and `multimask_output` "
-                            "(bool). Required by /segment unless `text` is given.",
-                            "example": _PROMPTS_EXAMPLE,
-                        },
-                        "text": {
-                            "type": "string",
-                            "description": "/segment only, instead of box/point prompts: a phrase such as "
-                            "`nucleus`; CLIPSeg's heat map gives one box per blob, SAM a mask per box. The answer "
-                            "also has the `boxes` and each blob's peak heat (`text_peaks`).",
-                        },
-                        "mask_format": {"type": "string", "enum": ["rle", "png"]},
-                    },
-                }
-            }
-        },
-    }
-}
 
 
 def _flatten_validation_error(err: RequestValidationError) -> str:
@@ -122,6 +89,9 @@ def create_app(model: str | os.PathLike, *, settings: ServeSettings | None = Non
         lifespan=lifespan,
     )
 
+    # The body limit sits on the ASGI receive channel, so every body is held to it while it arrives.
+    app.add_middleware(_UploadLimit, max_upload_bytes=settings.max_upload_bytes)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _flatten_validation_error(err)}, status_code=422)
@@ -139,20 +109,21 @@ def create_app(model: str | os.PathLike, *, settings: ServeSettings | None = Non
 
     async def guarded(request: Request, handler: Callable[[_ModelService], Any]) -> Response:
         service = service_of(request)
-        if service.pending >= settings.max_pending:
+        jobs = service.jobs
+        if jobs.pending >= settings.max_pending:
             raise HTTPException(
                 503,
                 f"The server already has max_pending = {settings.max_pending} requests in flight; retry shortly.",
                 headers={"Retry-After": "1"},
             )
-        service.pending += 1
+        jobs.pending += 1
         try:
             content = await handler(service)
         finally:
-            service.pending -= 1
+            jobs.pending -= 1
         return Response(content=content, media_type="application/json")
 
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health(request: Request) -> JSONResponse:
         """The model id, its device, and whether the model is loaded and serving."""
         service: _ModelService | None = getattr(request.app.state, "service", None)
@@ -160,7 +131,7 @@ def create_app(model: str | os.PathLike, *, settings: ServeSettings | None = Non
         body = {"model": model, "device": service.device if service else None, "ready": ready}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.post("/segment", openapi_extra=_MULTIPART_DOC)
+    @app.post("/segment", openapi_extra=SEGMENT_BODY, responses=SEGMENT_RESPONSES)
     async def segment(
         request: Request,
         mask_format: _MaskFormatQuery = None,
@@ -172,7 +143,7 @@ def create_app(model: str | os.PathLike, *, settings: ServeSettings | None = Non
         """
 
         async def handle(service: _ModelService) -> bytes:
-            form = await _read_form(request, settings, "an `image` file part and a `prompts` JSON part")
+            form = await _read_form(request, "an `image` file part and a `prompts` JSON part")
             try:
                 fmt = _mask_format(mask_format, form)
                 data = await _file_part(form, "image", "cells.png")
@@ -182,11 +153,11 @@ def create_app(model: str | os.PathLike, *, settings: ServeSettings | None = Non
                 )
             finally:
                 await form.close()
-            return await service.run(lambda cancelled: service.segment(cancelled, data, prompts, fmt, text))
+            return await service.jobs.run(lambda cancelled: service.segment(cancelled, data, prompts, fmt, text))
 
         return await guarded(request, handle)
 
-    @app.post("/segment/auto", openapi_extra=_MULTIPART_DOC)
+    @app.post("/segment/auto", openapi_extra=AUTO_BODY, responses=AUTO_RESPONSES)
     async def segment_auto(
         request: Request,
         mask_format: _MaskFormatQuery = None,
@@ -224,14 +195,14 @@ def create_app(model: str | os.PathLike, *, settings: ServeSettings | None = Non
         }
 
         async def handle(service: _ModelService) -> bytes:
-            form = await _read_form(request, settings, "an `image` file part")
+            form = await _read_form(request, "an `image` file part")
             try:
                 fmt = _mask_format(mask_format, form)
                 data = await _file_part(form, "image", "cells.png")
             finally:
                 await form.close()
-            return await service.run(
-                lambda cancelled: service.segment_auto(cancelled, data, fmt, points, pipeline_kwargs)
+            return await service.jobs.run(
+                lambda cancelled: service.auto.segment(cancelled, data, fmt, points, pipeline_kwargs)
             )
 
         return await guarded(request, handle)

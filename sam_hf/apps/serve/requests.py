@@ -1,4 +1,4 @@
-"""Reading requests: bodies, forms, images, prompts and mask inputs."""
+"""Reading requests: the body limit, forms, images, prompts and mask inputs; writing masks."""
 
 from __future__ import annotations
 
@@ -6,63 +6,32 @@ import base64
 import inspect
 import io
 import json
-import threading
-import warnings
+from collections.abc import Callable
 from struct import error as StructError
 from typing import Any
 
 import numpy as np
 from fastapi import HTTPException, Request
 from PIL import Image, UnidentifiedImageError
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ...core.images import to_rgb_array
-from .settings import _MAX_FIELD_BYTES, IMAGE_FORMATS, PROMPT_KEYS, MaskFormat, ServeSettings
+from ...core.images import (
+    AspectRatioError,
+    ImageTooLargeError,
+    UnreadableImageError,
+    check_aspect_ratio,
+    read_image_header,
+    read_rgb,
+)
+from ...core.rle import decode_rle, encode_rle, rle_size
+from .settings import _MAX_FIELD_BYTES, IMAGE_FORMATS, PROMPT_KEYS, MaskFormat
+
+__all__ = ["decode_png_mask", "decode_rle", "encode_png_mask", "encode_rle"]
 
 # `Request.form(max_part_size=...)` exists from starlette 0.44 on.
 _FORM_TAKES_PART_SIZE = "max_part_size" in inspect.signature(Request.form).parameters
-
-
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """Encode a 2-D binary mask as uncompressed COCO RLE, as `pycocotools` reads it.
-
-    Runs are counted over the mask in column-major (Fortran) order and alternate background / foreground, starting
-    with background, so a mask whose first pixel is set starts with a run of 0.
-
-    Args:
-        mask (`np.ndarray`): `(H, W)` mask; non-zero is foreground.
-
-    Returns:
-        `{"size": [H, W], "counts": [int, ...]}`.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"Expected a 2-D (H, W) mask, got shape {mask.shape}.")
-    height, width = mask.shape
-    flat = mask.astype(bool).ravel(order="F")
-    if flat.size == 0:
-        return {"size": [height, width], "counts": []}
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(np.concatenate(([0], changes, [flat.size])))
-    if flat[0]:
-        counts = np.concatenate(([0], counts))
-    return {"size": [height, width], "counts": counts.tolist()}
-
-
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """Decode uncompressed COCO RLE (see `encode_rle`) into an `(H, W)` bool mask.
-
-    Args:
-        rle (`dict`): `{"size": [H, W], "counts": [int, ...]}`.
-    """
-    height, width = (int(v) for v in rle["size"])
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    if counts.ndim != 1 or (counts < 0).any() or counts.sum() != height * width:
-        raise ValueError(
-            f"RLE counts must be non-negative and sum to height * width = {height * width}, got {counts.sum()}."
-        )
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape((height, width), order="F")
 
 
 def encode_png_mask(mask: np.ndarray) -> str:
@@ -80,62 +49,74 @@ def decode_png_mask(data: str) -> np.ndarray:
 
 def _encode_masks(masks: np.ndarray, mask_format: MaskFormat) -> list:
     """Encode `(..., H, W)` masks, keeping the leading dimensions as nested lists."""
-    encode = encode_rle if mask_format == "rle" else encode_png_mask
     if masks.ndim == 2:
-        return encode(masks)
+        return encode_rle(masks, compressed=False) if mask_format == "rle" else encode_png_mask(masks)
     return [_encode_masks(m, mask_format) for m in masks]
+
+
+def _json_body(payload: dict[str, Any]) -> bytes:
+    """An answer's JSON, compact (masks make most of it)."""
+    return json.dumps(payload, separators=(",", ":")).encode()
 
 
 _FORMATS_TEXT = ", ".join(IMAGE_FORMATS)
 
 
-# `warnings.catch_warnings` changes process-wide state; one decode at a time keeps the save/restore pairs nested.
-_PIL_GUARD = threading.Lock()
-
-
 class _DecodedImage:
-    """An uploaded image: its size from the header at once, its pixels on `load()`; errors become 400 or 413."""
+    """An uploaded image: its size from the header at once, its pixels on `load()`, both as displayed (EXIF
+    orientation applied, as `sam_hf.core.images` reads every image); errors become 400, 413 or 422.
 
-    def __init__(self, data: bytes, max_pixels: int):
+    Args:
+        data (`bytes`): the `image` part.
+        max_pixels (`int`): the server's `max_image_pixels`; 413 above, checked from the header.
+        longest_edge (`int`, *optional*): the side the model's processor resizes the longest image side to
+            (`sam_hf.core.images.processor_longest_edge`); an image whose short side would round to 0 px gets a 422
+            naming the largest aspect ratio the model takes.
+    """
+
+    def __init__(self, data: bytes, max_pixels: int, longest_edge: int | None = None):
         if not data:
             raise HTTPException(400, f"The `image` part is empty; expected the bytes of an image ({_FORMATS_TEXT}).")
         self.data = data
         self.max_pixels = max_pixels
-        self.width, self.height = self._decode(load=False)
+        header = self._read(read_image_header)
+        self.width, self.height = header.width, header.height
+        try:
+            check_aspect_ratio(self.height, self.width, longest_edge, "the image")
+        except AspectRatioError as err:
+            raise HTTPException(422, str(err)) from err
 
     def load(self) -> np.ndarray:
         """`(H, W, 3)` uint8 pixels."""
-        return self._decode(load=True)
+        pixels = self._read(read_rgb)
+        if pixels.shape[:2] != (self.height, self.width):  # e.g. an EXIF orientation stored after the pixel data
+            raise HTTPException(
+                400,
+                f"The image header says {self.width}x{self.height} but its pixels are {pixels.shape[1]}x"
+                f"{pixels.shape[0]} (as displayed); send the image with its orientation applied.",
+            )
+        return pixels
 
-    def _decode(self, load: bool) -> Any:
-        with _PIL_GUARD, warnings.catch_warnings():
-            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both are refusals here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                with Image.open(io.BytesIO(self.data), formats=IMAGE_FORMATS) as image:
-                    width, height = image.size
-                    if width * height > self.max_pixels:
-                        raise HTTPException(
-                            413,
-                            f"The image is {width}x{height} = {width * height:,} pixels, more than the server's "
-                            f"max_image_pixels = {self.max_pixels:,}. Send a smaller image.",
-                        )
-                    if not load:
-                        return width, height
-                    image.load()
-                    return to_rgb_array(image)
-            except HTTPException:
-                raise
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                raise HTTPException(
-                    413, f"The image exceeds the server's max_image_pixels = {self.max_pixels:,}: {err}"
-                ) from err
-            except UnidentifiedImageError as err:
+    def _read(self, read: Callable[..., Any]) -> Any:
+        """`read` (`read_image_header` or `read_rgb` of `sam_hf.core.images`) on the bytes, errors as HTTP answers."""
+        try:
+            return read(self.data, "the `image` part", formats=IMAGE_FORMATS, max_pixels=self.max_pixels)
+        except ImageTooLargeError as err:
+            raise HTTPException(
+                413,
+                f"The image exceeds the server's max_image_pixels = {self.max_pixels:,}: {err.__cause__ or err} Send "
+                "a smaller image.",
+            ) from err
+        except UnreadableImageError as err:
+            if isinstance(err.__cause__, UnidentifiedImageError):
                 raise HTTPException(
                     400, f"The `image` part is not an image the server reads; expected one of {_FORMATS_TEXT}."
                 ) from err
-            except (OSError, SyntaxError, ValueError, EOFError, StructError) as err:
-                raise HTTPException(400, f"The image could not be decoded (truncated or corrupt?): {err}") from err
+            raise HTTPException(
+                400, f"The image could not be decoded (truncated or corrupt?): {err.__cause__ or err}"
+            ) from err
+        except ValueError as err:  # pixels the model cannot use, e.g. NaN in a float TIFF
+            raise HTTPException(422, str(err)) from err
 
 
 def _parse_prompts(text: str) -> dict[str, Any]:
@@ -160,7 +141,24 @@ def _parse_prompts(text: str) -> dict[str, Any]:
     for key in ("boxes", "points", "point_labels"):
         if prompts.get(key) == []:  # an empty list means "none of these"
             prompts[key] = None
+        elif prompts.get(key) is not None:
+            _check_numbers(prompts[key], key)
     return prompts
+
+
+def _check_numbers(value: Any, key: str) -> None:
+    """Refuse a prompt array holding anything but JSON numbers (numpy would read `"1"` and `true` as 1.0)."""
+    stack = [value]
+    while stack:  # a loop, not recursion: the JSON may be nested as deeply as the parser allows
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool) or not isinstance(item, int | float):
+            shown = json.dumps(item)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise HTTPException(
+                422, f"`{key}` must hold only numbers (nested lists of JSON numbers); it holds {shown}."
+            )
 
 
 def _previous_mask(value: Any, count: int, image: _DecodedImage) -> np.ndarray | None:
@@ -174,15 +172,25 @@ def _previous_mask(value: Any, count: int, image: _DecodedImage) -> np.ndarray |
         )
     expected = (image.height, image.width)
     try:
+        # The size is checked before anything is decoded, so a large mask costs nothing.
         if isinstance(value, dict):
-            # The size is checked before anything is decoded, so a large mask costs nothing.
-            size = tuple(int(v) for v in value["size"])
+            size = rle_size(value)
             mask = decode_rle(value) if size == expected else None
-        else:
+        elif isinstance(value, str):
             with Image.open(io.BytesIO(base64.b64decode(value, validate=True)), formats=["PNG"]) as png:
                 size = png.size[::-1]
                 mask = np.asarray(png.convert("L")) > 0 if size == expected else None
-    except (ValueError, TypeError, KeyError, OSError) as err:
+        else:
+            raise TypeError(f"got a JSON {type(value).__name__}")
+    except (
+        ValueError,
+        TypeError,
+        OSError,
+        SyntaxError,
+        EOFError,
+        StructError,
+        Image.DecompressionBombError,
+    ) as err:
         raise HTTPException(
             422, f"`mask_input` must be a mask as /segment returns it (an RLE object or a base64 PNG): {err}"
         ) from err
@@ -195,46 +203,63 @@ def _previous_mask(value: Any, count: int, image: _DecodedImage) -> np.ndarray |
     return mask
 
 
-async def _read_body(request: Request, settings: ServeSettings) -> bytes:
-    limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise HTTPException(400, f"Content-Length must be a number of bytes, got {declared!r}.")
-        if int(declared) > limit:
-            raise HTTPException(
-                413, f"The request body is {int(declared):,} bytes, more than max_upload_bytes = {limit:,}."
-            )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"The request body exceeds max_upload_bytes = {limit:,} bytes.")
-    return bytes(body)
+class _UploadLimit:
+    """ASGI middleware that holds every request body to `max_upload_bytes`: 400 for a Content-Length that is not a
+    number, 413 for one over the limit before a byte is read, and 413 as soon as the bytes received (a chunked body,
+    or one longer than it said) pass the limit.
+
+    It checks the body where the app reads it (the ASGI `receive` channel), so `Request.form()` parses the multipart
+    body as it arrives and never holds more than the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_upload_bytes: int):
+        self.app = app
+        self.limit = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, received, started = self.limit, 0, False
+
+        async def limited() -> Message:
+            nonlocal received, started
+            if not started:  # on the first read of the body: endpoints that read none never answer 413
+                started = True
+                declared = Headers(scope=scope).get("content-length")
+                if declared is not None and not declared.strip().isdigit():
+                    raise HTTPException(400, f"Content-Length must be a number of bytes, got {declared!r}.")
+                if declared is not None and int(declared) > limit:
+                    raise HTTPException(
+                        413, f"The request body is {int(declared):,} bytes, more than max_upload_bytes = {limit:,}."
+                    )
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413, f"The request body exceeds max_upload_bytes = {limit:,} bytes.")
+            return message
+
+        await self.app(scope, limited, send)
 
 
-async def _read_form(request: Request, settings: ServeSettings, expected: str) -> FormData:
-    """The multipart form of `request`, with the body size limit applied while it is received."""
+async def _read_form(request: Request, expected: str) -> FormData:
+    """The multipart form of `request`, parsed as it is received (`_UploadLimit` holds the body to the limit)."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "multipart/form-data":
         raise HTTPException(
             415, f"Expected a multipart/form-data body with {expected}, got Content-Type {content_type or 'none'!r}."
         )
-    body = await _read_body(request, settings)
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent, body
-        if sent:
-            return {"type": "http.disconnect"}
-        sent, data, body = True, body, b""
-        return {"type": "http.request", "body": data, "more_body": False}
-
-    limits = {"max_files": 2, "max_fields": 8}
+    limits: dict[str, int] = {"max_files": 2, "max_fields": 8}
     if _FORM_TAKES_PART_SIZE:
         limits["max_part_size"] = _MAX_FIELD_BYTES
     try:
-        return await Request(request.scope, replay).form(**limits)
+        return await request.form(**limits)
+    except StarletteHTTPException as err:
+        if type(err) is not StarletteHTTPException:  # ours (the body limit), already worded
+            raise
+        # Starlette's answer to a malformed body (400), e.g. "Missing boundary in multipart."
+        raise HTTPException(err.status_code, f"The multipart body could not be parsed: {err.detail}") from err
     except ValueError as err:  # python-multipart's parse errors, if starlette lets one through
         raise HTTPException(400, f"The multipart body could not be parsed: {err}") from err
 

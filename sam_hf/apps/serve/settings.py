@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Query
+import numpy as np
+from fastapi import HTTPException, Query
 
 from ...core.windows import check_crop_scale
 from ...inference.text_prompts import DEFAULT_TEXT_MODEL
@@ -114,3 +115,40 @@ _INTEGER_LIMITS = (
     "max_pending",
     "workers",
 )
+
+
+def _check_prompt_work(
+    settings: ServeSettings, count: int, boxes: np.ndarray | None, points: np.ndarray | None
+) -> None:
+    """Refuse prompts whose decoder work exceeds the limits, before the image is decoded or the lock taken."""
+    if count > settings.max_prompts:
+        raise HTTPException(
+            422,
+            f"{count} prompts in one request, more than the server's max_prompts = {settings.max_prompts} "
+            "(--max-prompts). Split the prompts over several requests.",
+        )
+    per_prompt = points.shape[1] if points is not None else 0
+    if per_prompt > settings.max_points_per_prompt:
+        raise HTTPException(
+            422,
+            f"{per_prompt} points in one prompt, more than the server's max_points_per_prompt = "
+            f"{settings.max_points_per_prompt} (--max-points-per-prompt). Send fewer points per prompt.",
+        )
+    total = (len(boxes) if boxes is not None else 0) + (points.shape[0] * per_prompt if points is not None else 0)
+    if total > settings.max_boxes_and_points:
+        raise HTTPException(
+            413,
+            f"{total} boxes and points in one request, more than the server's max_boxes_and_points = "
+            f"{settings.max_boxes_and_points} (--max-boxes-and-points). Split the prompts over several requests.",
+        )
+
+
+def _check_mask_pixels(settings: ServeSettings, count: int, width: int, height: int, what: str) -> None:
+    """Refuse an answer of `count` masks of a `width x height` image over `max_mask_pixels` (413)."""
+    total = count * height * width
+    if total > settings.max_mask_pixels:
+        raise HTTPException(
+            413,
+            f"{what} on a {width}x{height} image make {total:,} mask pixels, more than the server's "
+            f"max_mask_pixels = {settings.max_mask_pixels:,}. Send fewer prompts or a smaller image.",
+        )
