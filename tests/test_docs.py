@@ -97,7 +97,7 @@ def test_bad_input_table_names_existing_tests():
     defined: dict[str, set[str]] = {}
     missing = []
     for row in rows:
-        named = re.findall(r"`tests/(test_\w+\.py)::(test_\w+)`", row.rsplit("|", 2)[-2])
+        named = re.findall(r"`tests/((?:\w+/)?test_\w+\.py)::(test_\w+)`", row.rsplit("|", 2)[-2])
         if not named:
             missing.append(f"no test named in: {row[:80]}")
         for file, name in named:

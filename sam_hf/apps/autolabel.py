@@ -21,6 +21,9 @@ my_labels/
   autolabel.json      settings and per-image counts and scores
 ```
 
+Masks are drawn on each image as displayed (a photo's EXIF orientation applied, see
+`sam_hf.core.images.open_image`), which is how training reads the copy in `images/`.
+
 With `--output_format dataset`, the folder is a `datasets` `save_to_disk` directory instead (columns `image`,
 `label`, `file_name`), with the same contact sheet and report beside it.
 """
@@ -40,10 +43,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.env import default_device
-from ..core.images import IMAGE_EXTENSIONS, to_rgb_array
+from ..core.images import check_aspect_ratio, list_images, processor_longest_edge, read_image_header, read_rgb
 from ..core.masks import instance_map
 from ..core.windows import check_crop_scale
-from ..family.modeling import load_model_and_processor
+from ..inference.automatic import mask_generation_pipeline, trained_crop_scale
 from ..inference.predictor import SamPredictor
 from ..inference.windowed import refine_on_object_crops
 from ..viz.overlays import contact_sheet
@@ -145,24 +148,6 @@ class AutolabelArguments:
             raise ValueError(f"--max_images must be >= 1, got {self.max_images}.")
 
 
-def _list_images(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"--images {path}: no such file or folder.")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"--images {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}).")
-    stems = [p.stem for p in files]
-    shared = sorted({s for s in stems if stems.count(s) > 1})
-    if shared:
-        raise ValueError(
-            f"--images {path}: several files share the stem(s) {shared[:5]}; the output pairs images and masks by "
-            "stem, so each stem must name one image."
-        )
-    return files
-
-
 def _previous_output(out: Path) -> list[Path]:
     """What an earlier run wrote to `out`, in either output format (a folder run after a dataset run leaves no
     stale dataset files behind)."""
@@ -201,19 +186,15 @@ def _prepare_output(args: AutolabelArguments, inputs: list[Path]) -> Path:
 
 def _mask_generator(args: AutolabelArguments) -> tuple[Any, SamPredictor]:
     """The mask-generation pipeline and a `SamPredictor` on the same model (for object-crop refinement)."""
-    from transformers import pipeline
-
-    device = default_device(args.device)
-    model, processor = load_model_and_processor(args.model)
-    generator = pipeline("mask-generation", model=model, image_processor=processor.image_processor, device=device)
-    return generator, SamPredictor(generator.model, processor, device=generator.device)
+    predictor = SamPredictor.from_pretrained(args.model, device=default_device(args.device))
+    return mask_generation_pipeline(predictor), predictor
 
 
 def _crop_scale_of(args: AutolabelArguments, predictor: SamPredictor) -> float | None:
     """The object-crop scale to refine with: `--object_crop_scale`, else the one the model was tuned with."""
     if args.object_crop_scale is not None:
         return args.object_crop_scale or None
-    trained = getattr(predictor.model.config, "object_crop_scale", None)
+    trained = trained_crop_scale(predictor)
     if trained:
         logger.info(
             "%s was tuned on object crops (config.json object_crop_scale %g): each automatic mask's box is decoded "
@@ -221,7 +202,7 @@ def _crop_scale_of(args: AutolabelArguments, predictor: SamPredictor) -> float |
             args.model,
             trained,
         )
-    return trained or None
+    return trained
 
 
 def _png(array: np.ndarray, path: Path) -> None:
@@ -236,7 +217,7 @@ def run_autolabel(args: AutolabelArguments) -> dict[str, Any]:
         masks the pipeline returned, how many were dropped (too large, too small, hidden by smaller ones), the
         number of objects written and their predicted IoU scores.
     """
-    inputs = _list_images(Path(args.images))
+    inputs = list_images(args.images, "--images")
     if args.max_images is not None:
         inputs = inputs[: args.max_images]
     out = _prepare_output(args, inputs)
@@ -248,12 +229,13 @@ def run_autolabel(args: AutolabelArguments) -> dict[str, Any]:
             (out / name).mkdir()
     rows: dict[str, list] = {"image": [], "label": [], "file_name": []}
     sheet_items, per_image = [], {}
+    longest_edge = processor_longest_edge(predictor.processor)
+    for path in inputs:  # from the headers, before the model runs on any image
+        header = read_image_header(path)
+        check_aspect_ratio(header.height, header.width, longest_edge, f"image file {path}")
     for path in tqdm(inputs, desc="Auto-labelling", unit="image"):
-        try:
-            with Image.open(path) as opened:
-                image = to_rgb_array(opened)
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"Cannot read image {path}: {err}. Expected a readable image file.") from err
+        # As displayed (EXIF orientation applied), as training reads the copy written below; errors name the file.
+        image = read_rgb(path)
         outputs = generator(
             Image.fromarray(image),
             points_per_crop=args.points_per_side,

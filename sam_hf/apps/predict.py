@@ -1,6 +1,7 @@
 """`scripts/predict.py`: segment one image or a folder with box and/or point prompts and write masks, a label
 image (raw, and in colour for viewing), an overlay with each mask's score, and the scores. A prompt whose mask comes
-back empty is logged as a warning naming the image and the prompt.
+back empty is logged as a warning naming the image and the prompt. Images are read as displayed (a photo's EXIF
+orientation applied, see `sam_hf.core.images.open_image`): prompts are in pixels of the image as a viewer shows it.
 
 Prompts come from the command line (one set for every image) or from a JSON file, either one set for every image or
 one per image keyed by file name or stem:
@@ -24,10 +25,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.env import default_device
-from ..core.images import IMAGE_EXTENSIONS
+from ..core.images import check_aspect_ratio, list_images, open_image, processor_longest_edge, read_rgb
 from ..core.masks import label_image
 from ..core.prompts import PromptError
 from ..core.windows import check_crop_scale
+from ..inference.automatic import trained_crop_scale
 from ..inference.predictor import SamPredictor
 from ..inference.text_prompts import DEFAULT_TEXT_MODEL
 from ..inference.windowed import ObjectCropPredictor, TiledPredictor
@@ -187,23 +189,9 @@ def _describe_prompt(prompts: dict[str, Any], i: int) -> str:
     return ", ".join(parts) or "no prompt"
 
 
-def _list_images(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise ValueError(f"--images {path}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        return files
-    raise FileNotFoundError(f"--images {path}: no such file or folder.")
-
-
 def _read_mask(path: str) -> np.ndarray:
-    try:
-        with Image.open(path) as mask:
-            return np.asarray(mask.convert("L")) > 0
-    except OSError as err:
-        raise ValueError(f"--mask_input {path}: could not read the mask ({err}).") from err
+    """The `--mask_input` mask, as displayed (EXIF applied), like the image it refines."""
+    return np.asarray(open_image(path, f"--mask_input {path}").convert("L")) > 0
 
 
 def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
@@ -213,7 +201,7 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
     )
     model = predictor
     crop_scale = args.object_crop_scale
-    trained_scale = getattr(model.model.config, "object_crop_scale", None)
+    trained_scale = trained_crop_scale(model)
     if crop_scale is None and trained_scale and (args.tile_size, args.text, args.mask_input) == (None, None, None):
         crop_scale = trained_scale
         logger.info(
@@ -226,7 +214,7 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
         predictor = TiledPredictor(model, args.tile_size, args.tile_overlap)
     elif crop_scale is not None:
         predictor = ObjectCropPredictor(model, crop_scale)
-    paths = _list_images(Path(args.images))
+    paths = list_images(args.images, "--images")
     prompts = load_prompts(args, paths)
     if args.mask_input is not None and len(paths) != 1:
         raise ValueError(f"--mask_input is a mask of one image, but --images {args.images} holds {len(paths)}.")
@@ -240,12 +228,11 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, dict[str, Any]] = {}
+    # The whole image goes to the model, except with tiles (squares of --tile_size).
+    longest_edge = processor_longest_edge(model.processor) if args.tile_size is None else None
     for path in tqdm(paths, desc="Predicting", unit="image"):
-        try:
-            image = Image.open(path)
-            image.load()
-        except OSError as err:
-            raise ValueError(f"Could not read image {path}: {err}") from err
+        image = read_rgb(path)  # as displayed (EXIF orientation applied); errors name the file
+        check_aspect_ratio(*image.shape[:2], longest_edge, f"image file {path}")
         try:
             predictor.set_image(image)
             if text_prompter is not None:  # boxes from the text's heat map; `<stem>_heatmap.png` shows it
@@ -280,7 +267,8 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
                 i,
                 _describe_prompt(p, i),
                 best_scores[i],
-                *image.size,
+                image.shape[1],
+                image.shape[0],
             )
         if args.save_masks in ("label", "both"):
             labels = label_image(best_masks)
@@ -293,7 +281,7 @@ def run_prediction(args: PredictArguments) -> dict[str, dict[str, Any]]:
         files.append(str(out_dir / f"{path.stem}_overlay.png"))
         entry = {
             "image": str(path),
-            "size": list(image.size[::-1]),
+            "size": list(image.shape[:2]),
             "prompts": p,
             "scores": prediction.scores.tolist(),
             "best_mask": prediction.scores.argmax(axis=1).tolist(),

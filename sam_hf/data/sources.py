@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 import datasets
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-from ..core.images import IMAGE_EXTENSIONS, _check_readable, _list_images
+from ..core.images import list_images, read_image_header
 from ..core.masks import _LOSSY_MASK_MESSAGE, LOSSY_MASK_FORMATS
 from .coco import find_coco_file, load_coco
 
@@ -22,7 +24,8 @@ def load_image_folder(folder: str | os.PathLike) -> datasets.Dataset:
     are used as masks, otherwise the binary masks of `masks/`. Every pair is checked up front: stems without a
     partner, files that cannot be read, images beyond Pillow's decompression-bomb limit, masks stored as JPEG (whatever
     their extension: lossy compression creates false objects), two files sharing a stem, and images whose size
-    differs from their mask raise a `ValueError` naming the file.
+    differs from their mask raise a `ValueError` naming the file. Sizes are compared as displayed: a photo whose EXIF
+    says "rotate 90" is as wide as a viewer shows it, and `datasets.Image` decodes it in that orientation.
 
     Returns:
         `datasets.Dataset` with columns `image`, `label` (both `datasets.Image`) and `file_name` (the stem).
@@ -34,7 +37,8 @@ def load_image_folder(folder: str | os.PathLike) -> datasets.Dataset:
     mask_dir = folder / "instances" if (folder / "instances").is_dir() else folder / "masks"
     if not mask_dir.is_dir():
         raise ValueError(f"{folder} has neither instances/ nor masks/; expected one of them beside images/.")
-    images, masks = _list_images(image_dir), _list_images(mask_dir)
+    images = {p.stem: p for p in list_images(image_dir)}
+    masks = {p.stem: p for p in list_images(mask_dir)}
     orphans = sorted(set(masks) - set(images))
     if orphans:
         raise ValueError(
@@ -47,20 +51,22 @@ def load_image_folder(folder: str | os.PathLike) -> datasets.Dataset:
             f"Image file {images[missing[0]]} has no mask in {mask_dir} (same stem expected); "
             f"{len(missing)} image file(s) without a mask in total."
         )
-    if not images:
-        raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found in {image_dir}.")
     for stem in images:
-        (image_size, _), (mask_size, mask_format) = _check_readable(images[stem]), _check_readable(masks[stem])
-        if mask_format in LOSSY_MASK_FORMATS:
-            lossy = [masks[s] for s in masks if _check_readable(masks[s])[1] in LOSSY_MASK_FORMATS]
+        # Sizes as displayed (EXIF orientation applied), as `datasets.Image` decodes both files for training.
+        image, mask = read_image_header(images[stem], verify=True), read_image_header(masks[stem], verify=True)
+        if mask.format in LOSSY_MASK_FORMATS:
+            lossy = [m for m in masks.values() if read_image_header(m).format in LOSSY_MASK_FORMATS]
             raise ValueError(
-                f"Mask file {masks[stem]} is stored as {mask_format}: {_LOSSY_MASK_MESSAGE}. "
+                f"Mask file {masks[stem]} is stored as {mask.format}: {_LOSSY_MASK_MESSAGE}. "
                 f"{len(lossy)} of {len(masks)} file(s) in {mask_dir} are {'/'.join(LOSSY_MASK_FORMATS)}."
             )
-        if image_size != mask_size:
+        if (image.width, image.height) != (mask.width, mask.height):
+            turned = (image.width, image.height) == (mask.height, mask.width)
+            hint = " Sizes are as displayed, with the EXIF orientation applied as viewers and `datasets` apply it: "
             raise ValueError(
-                f"Image {images[stem]} is {image_size[0]}x{image_size[1]} (WxH) but its mask "
-                f"{masks[stem]} is {mask_size[0]}x{mask_size[1]}; they must have the same size."
+                f"Image {images[stem]} is {image.width}x{image.height} (WxH) but its mask "
+                f"{masks[stem]} is {mask.width}x{mask.height}; they must have the same size."
+                + (hint + "draw the mask on the image as it is shown." if turned else "")
             )
     stems = sorted(images)
     ds = datasets.Dataset.from_dict(
@@ -91,9 +97,6 @@ def load_source(
     `./data`, `/data/cells`, `~/cells`, `data/cells/v2` or `data/typo` next to an existing `data/`, raises
     `FileNotFoundError` at once.
     """
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     path = Path(dataset_name)
     if not path.exists():
         try:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config.arguments import DataArguments
 from ..core.env import default_device
+from ..core.images import processor_longest_edge
 from ..data.indexing import prepare_split
 from ..data.sources import load_source, split_source
 from ..inference.predictor import SamPredictor
@@ -60,7 +61,10 @@ def run_evaluation(eval_args: EvaluateArguments, data_args: DataArguments) -> di
         for name, path in models.items()
     }
     rows = _source_split(data_args, eval_args.split, eval_args.seed, eval_args.cache_dir, eval_args.token)
-    dataset = prepare_split(rows, data_args, eval_args.split)
+    # The images train.py would skip as too elongated for a model's input are skipped here too: the same objects.
+    edges = [processor_longest_edge(p.processor, labels=True) for p in predictors.values()]
+    longest_edge = min((e for e in edges if e is not None), default=None)
+    dataset = prepare_split(rows, data_args, eval_args.split, longest_edge)
     result = evaluate_models(
         predictors,
         dataset,

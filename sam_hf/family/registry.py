@@ -103,7 +103,8 @@ class FamilyMember:
     Args:
         model_type: `config.model_type` of its checkpoints.
         name: how people call it.
-        model_class / processor_class: the transformers classes that load it.
+        model_class: the transformers model class that loads it.
+        processor_class: the transformers processor class of its checkpoints.
         pads: see `Geometry.pads`.
         num_levels: how many tensors `encode` returns per image.
         image_side: dotted names of the modules and parameters that compute the image embeddings.
@@ -118,8 +119,8 @@ class FamilyMember:
             training (`dynamic_multimask_via_stability`); sam_hf switches it off for fine-tuning, so that training,
             evaluation and the saved checkpoint use the one mask token that was trained.
         forward_kwargs: fixed keyword arguments of every forward.
-        build_tiny_config / build_tiny_processor: a small configuration and its matching processor, for offline
-            tests and demos.
+        build_tiny_config: a small configuration, for offline tests and demos.
+        build_tiny_processor: the processor matching a tiny configuration's `Geometry`.
     """
 
     model_type: str

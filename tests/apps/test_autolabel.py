@@ -116,6 +116,7 @@ def test_autolabel_writes_a_folder_that_training_reads_back(labelled, images_dir
     assert sheet.width > 2 * 192 and sheet.height > 192
 
 
+@pytest.mark.slow
 def test_autolabel_as_a_saved_dataset_matches_the_folder(labelled, images_dir, tmp_path):
     report = run_autolabel(_args(images_dir, tmp_path / "ds", output_format="dataset"))
     assert (tmp_path / "ds" / "dataset_info.json").is_file() and (tmp_path / "ds" / "contact_sheet.png").is_file()
@@ -130,6 +131,7 @@ def test_autolabel_as_a_saved_dataset_matches_the_folder(labelled, images_dir, t
     assert report["num_objects"] == json.loads((labelled / "autolabel.json").read_text())["num_objects"]
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_unless_overwrite(images_dir, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
@@ -146,6 +148,7 @@ def test_existing_output_is_kept_unless_overwrite(images_dir, tmp_path):
     assert len(list((out / "instances").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_overwrite_never_deletes_the_input_images(images_dir, tmp_path):
     out = tmp_path / "labels"
     shutil.copytree(images_dir, out / "images")
@@ -154,6 +157,7 @@ def test_overwrite_never_deletes_the_input_images(images_dir, tmp_path):
     assert len(list((out / "images").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_a_model_tuned_on_object_crops_refines_each_mask_on_its_crop(images_dir, tmp_path, caplog):
     import logging
 
@@ -207,6 +211,7 @@ def test_bad_arguments(kwargs, message, tmp_path):
         AutolabelArguments(model="m", images="i", output_dir=str(tmp_path), **kwargs)
 
 
+@pytest.mark.slow
 def test_missing_or_empty_images_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         run_autolabel(_args(tmp_path / "nope", tmp_path / "out"))
@@ -215,6 +220,7 @@ def test_missing_or_empty_images_folder(tmp_path):
         run_autolabel(_args(tmp_path / "empty", tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_images_without_objects_are_written_empty_and_warned(images_dir, tmp_path, monkeypatch, caplog):
     import logging
 
@@ -228,7 +234,8 @@ def test_images_without_objects_are_written_empty_and_warned(images_dir, tmp_pat
     from types import SimpleNamespace
 
     model = SimpleNamespace(config=SimpleNamespace())  # tuned without object crops: no refinement
-    monkeypatch.setattr(autolabel, "_mask_generator", lambda args: (no_masks, SimpleNamespace(model=model)))
+    predictor = SimpleNamespace(model=model, processor=None)  # no processor: no aspect-ratio limit
+    monkeypatch.setattr(autolabel, "_mask_generator", lambda args: (no_masks, predictor))
     with caplog.at_level(logging.WARNING, logger="sam_hf"):
         report = run_autolabel(_args(images_dir, tmp_path / "out"))
     assert report["num_objects"] == 0
@@ -238,3 +245,25 @@ def test_images_without_objects_are_written_empty_and_warned(images_dir, tmp_pat
     assert "No image got an object" in caplog.text
     with pytest.raises(ValueError, match="is empty after dropping images without objects"):
         index_objects(load_source(str(tmp_path / "out"))["train"], "instance")
+
+
+def test_an_image_too_elongated_for_the_model_is_refused_before_labelling(images_dir, tmp_path):
+    """The tiny base resizes the longest side to 256 px: a 1 x 600 strip (over 512:1) cannot be encoded. It is named
+    from the headers before the model runs on any image."""
+    folder = tmp_path / "in"
+    shutil.copytree(images_dir, folder)
+    Image.fromarray(np.full((1, 600, 3), 90, np.uint8)).save(folder / "strip.png")
+    with pytest.raises(
+        ValueError, match=r"strip\.png is 600x1 \(WxH\).*largest aspect ratio this model takes is 512:1"
+    ):
+        run_autolabel(_args(folder, tmp_path / "out"))
+    assert not (tmp_path / "out" / "autolabel.json").exists() and not list((tmp_path / "out" / "images").iterdir())
+
+
+def test_non_finite_pixels_are_refused_naming_the_file(tmp_path):
+    pixels = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    pixels[0, 0] = np.nan
+    (tmp_path / "in").mkdir()
+    Image.fromarray(pixels, mode="F").save(tmp_path / "in" / "float.tif")
+    with pytest.raises(ValueError, match=r"float\.tif: the image has 1 NaN or infinite pixel value\(s\)"):
+        run_autolabel(_args(tmp_path / "in", tmp_path / "out"))

@@ -239,3 +239,26 @@ def test_object_crop_prediction_from_the_command_line(tiny_model_dir, image_file
     np.testing.assert_array_equal(_written_mask(tmp_path, image_files[0]), expected)
     with pytest.raises(ValueError, match="choose one"):
         PredictArguments(model="m", images="i", boxes="1,1,5,5", object_crop_scale=3, tile_size=128)
+
+
+@pytest.mark.parametrize("shape", [(1, 600), (10, 20000)])
+def test_an_image_too_elongated_for_the_model_is_refused_naming_the_file(tiny_model_dir, tmp_path, shape):
+    """The tiny model resizes the longest side to 256 px: a short side below 1/512 of it would round to 0 px."""
+    height, width = shape
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(path)
+    args = PredictArguments(model=str(tiny_model_dir), images=str(path), boxes="0,0,5,1", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"strip\.png is {width}x{height} \(WxH\).*largest aspect ratio .* 512:1"):
+        run_prediction(args)
+
+
+def test_non_finite_pixels_are_refused_naming_the_file(tiny_model_dir, tmp_path):
+    pixels = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    pixels[5, 7] = np.nan  # without the check, the whole image would be scaled to black
+    Image.fromarray(pixels, mode="F").save(tmp_path / "float.tif")
+    args = PredictArguments(
+        model=str(tiny_model_dir), images=str(tmp_path / "float.tif"), boxes="1,1,30,30", output_dir=str(tmp_path)
+    )
+    with pytest.raises(ValueError, match=r"float\.tif: the image has 1 NaN or infinite pixel value\(s\)"):
+        run_prediction(args)
+    assert not (tmp_path / "float.json").exists()

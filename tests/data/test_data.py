@@ -21,7 +21,7 @@ from sam_hf import (
 )
 from sam_hf.core.images import resized_shape, to_rgb_array
 from sam_hf.data.collator import SamDataCollator
-from sam_hf.data.indexing import index_objects
+from sam_hf.data.indexing import index_objects, prepare_split
 from sam_hf.data.sources import load_image_folder
 from sam_hf.data.transforms import resize_and_pad_masks
 
@@ -553,3 +553,69 @@ def test_decompression_bomb_in_a_saved_dataset_names_the_row(tmp_path, monkeypat
     # The columns decode again as images afterwards, and the objects are found.
     assert isinstance(indexed[1]["image"], Image.Image) and indexed["num_objects"] == [1, 1]
     assert indexed["boxes"][1] == [[1.0, 1.0, 8.0, 8.0]]
+
+
+def test_images_too_elongated_for_the_model_are_skipped_counted_and_logged(tmp_path, caplog):
+    """The tiny processor resizes images to 256 px and training labels to 64 px on their longest side: a short side
+    under 1/128 of the long one rounds to 0 px in the labels, so such rows are skipped (and named), not crashed on."""
+    from sam_hf.config.arguments import DataArguments
+    from sam_hf.core.images import processor_longest_edge
+
+    root = tmp_path / "d"
+    for stem, (height, width) in {"a": (32, 32), "strip": (1, 600), "tall": (200, 2)}.items():
+        _write(root / "images" / f"{stem}.png", np.full((height, width, 3), 80, np.uint8))
+        _write(root / "masks" / f"{stem}.png", np.ones((height, width), np.uint8))
+    processor = tiny_sam_processor(tiny_sam_config())
+    longest_edge = processor_longest_edge(processor, labels=True)
+    assert longest_edge == 64  # 600 / 1 > 2 x 64 >= 200 / 2
+    with caplog.at_level(logging.WARNING, logger="sam_hf"):
+        kept = prepare_split(
+            load_source(str(root))["train"], DataArguments(dataset_name=str(root)), "train", longest_edge
+        )
+    assert kept["file_name"] == ["a", "tall"]
+    assert "strip.png) is 600x1 (WxH)" in caplog.text
+    assert "The largest aspect ratio this model takes is 128:1" in caplog.text
+    assert "Split 'train': skipped 1 of 3 images too elongated for the model's input" in caplog.text
+    batch = SamTransform(processor, train=False)(kept[:2])  # what is kept goes through the processor
+    assert [tuple(s.tolist()) for s in batch["original_sizes"]] == [(32, 32), (200, 2)]
+
+
+def _exif_rotated_jpeg(path, displayed: np.ndarray) -> np.ndarray:
+    """Store `displayed` rotated back and tagged "rotate 90 clockwise" (EXIF orientation 6), as a phone stores a
+    portrait photo; returns the pixels a viewer shows (the decoded JPEG rotated with numpy)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.rot90(displayed, k=1)).save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(path) as im:
+        return np.rot90(np.asarray(im.convert("RGB")), k=-1)
+
+
+def test_rotated_photos_are_checked_and_indexed_as_displayed(tmp_path):
+    """A photo stored 200 x 120 (WxH) and tagged "rotate 90" is shown 120 x 200: its mask is drawn that way, and
+    the folder check, the index and the decoded rows all use that orientation, as datasets and viewers do."""
+    root = tmp_path / "d"
+    displayed = np.full((200, 120, 3), 30, np.uint8)
+    displayed[140:180, 20:60] = 220
+    mask = np.zeros((200, 120), np.uint8)
+    mask[140:180, 20:60] = 1
+    shown = _exif_rotated_jpeg(root / "images" / "photo.jpg", displayed)
+    _write(root / "masks" / "photo.png", mask)
+    indexed = index_objects(load_source(str(root))["train"])
+    assert indexed["boxes"] == [[[20.0, 140.0, 59.0, 179.0]]]
+    np.testing.assert_array_equal(np.asarray(indexed[0]["image"].convert("RGB")), shown)
+    # A mask drawn on the stored pixels does not match the photo as shown, and is refused.
+    _write(root / "masks" / "photo.png", np.rot90(mask, k=1))
+    with pytest.raises(ValueError, match=r"photo\.jpg is 120x200 \(WxH\) but its mask .*photo\.png is 200x120"):
+        load_image_folder(root)
+
+
+def test_non_finite_pixels_in_training_data_name_the_row(tmp_path):
+    pixels = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    pixels[3, 4] = np.inf
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(pixels, mode="F").save(root / "images" / "a.tif")
+    _write(root / "masks" / "a.png", np.pad(np.ones((4, 4), np.uint8), 6))
+    with pytest.raises(ValueError, match=r"row 0 of split 'train' \(.*a\.tif\): the image has 1 NaN or infinite"):
+        index_objects(load_source(str(root))["train"])
