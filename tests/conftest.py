@@ -17,6 +17,31 @@ NUCLEI = REPO / "data" / "nuclei_demo"
 TINY_BASE = REPO / "models" / "tiny-sam-base"
 
 
+#: `scripts/train.py` flags of a short CPU run on the demo data, which each test overrides as it needs.
+SHORT_RUN = {
+    "max_steps": 2,
+    "per_device_train_batch_size": 2,
+    "max_train_samples": 4,
+    "max_eval_samples": 2,
+    "max_objects_per_image": 4,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "report_to": "none",
+}
+
+
+def train_argv(model_dir, dataset_dir, output_dir, **flags) -> list[str]:
+    """The command line of a short training run: `SHORT_RUN` updated with `flags` (`None` drops a flag, `True` and
+    `False` are spelled `true` and `false`), for `parse_args` or `scripts/train.py`."""
+    values = {"model_name_or_path": model_dir, "dataset_name": dataset_dir, "output_dir": output_dir}
+    values |= SHORT_RUN | flags
+    argv = []
+    for name, value in values.items():
+        if value is not None:
+            argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
 def launch_two_processes(model_dir, dataset_dir, out, cache_dir, train_args: str, *extra: str) -> str:
     """Run scripts/train.py under `accelerate launch` with 2 CPU processes (gloo); returns the log, asserts success."""
     import subprocess
@@ -83,43 +108,11 @@ def trained_run(tiny_model_dir, nuclei_dir, tmp_path_factory):
     from sam_hf.training.run import run_training
 
     out = tmp_path_factory.mktemp("run")
-    argv = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(nuclei_dir),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "6",
-        "--per_device_train_batch_size",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--box_jitter",
-        "5",
-        "--max_objects_per_image",
-        "8",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "3",
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "3",
-        "--load_best_model_at_end",
-        "--metric_for_best_model",
-        "dice",
-        "--report_to",
-        "none",
-        "--max_eval_samples",
-        "3",
-        "--logging_steps",
-        "1",
-        "--seed",
-        "1",
-    ]
+    argv = train_argv(
+        tiny_model_dir, nuclei_dir, out, max_steps=6, learning_rate=1e-3, box_jitter=5, max_objects_per_image=8,
+        eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3, load_best_model_at_end=True,
+        metric_for_best_model="dice", max_train_samples=None, max_eval_samples=3, logging_steps=1, seed=1,
+    )  # fmt: skip
     metrics = run_training(*parse_args(argv))
     return out, metrics
 

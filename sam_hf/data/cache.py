@@ -16,11 +16,15 @@ Layout: one row per image, in the order of the dataset.
 - `image_digest`: SHA-256 of the image's bytes;
 - `embedding_checksum`: CRC-32 of the digest followed by the embedding bytes, checked whenever a row is read.
 
-Integrity: the file is written under a temporary name and renamed when complete, so a killed build never leaves a
-file that looks finished (stale temporaries of dead processes are removed on the next build). On open, the schema,
-the row count and the per-row image digests are checked (rows of other images, or in another order, are caught
-there), and every row's checksum is verified when the file is small enough. A damaged file is moved aside with a
-warning and rebuilt. Damage found later, when a row is read, raises `EmbeddingCacheError`.
+Integrity: the file is written under a temporary name and given its final name when complete, so a killed build never
+leaves a file that looks finished. Builds may run at the same time, in other containers or on other machines sharing
+the cache directory: each temporary is named by its machine, PID namespace, PID and a random token, and the finished
+file is published under its final name only if no other build published it first (see `_publish`). A build removes the
+temporaries of dead builds of its own machine and PID namespace, and those of any other that were not written to for
+`STALE_TEMPORARY_SECONDS`; it never judges another machine's process by its PID. On open, the schema, the row count and
+the per-row image digests are checked (rows of other images, or in another order, are caught there), and every row's
+checksum is verified when the file is small enough. A damaged file is moved aside with a warning and rebuilt. Damage
+found later, when a row is read, raises `EmbeddingCacheError`.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
+import uuid
 import zlib
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -45,6 +52,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
+from ..core.env import default_dataloader_num_workers
 from ..core.images import encode_images, to_rgb_array
 from ..family.registry import family_of
 
@@ -62,6 +70,11 @@ CACHE_COLUMNS = ("image_embeddings", "original_sizes", "reshaped_input_sizes", "
 
 # Caches up to this size have every row's checksum verified when they are opened; larger ones when rows are read.
 VERIFY_ON_OPEN_MAX_BYTES = 2 * 1024**3
+
+
+# A temporary of another machine or PID namespace is removed once it has not been written to for this long: a live
+# build writes every few batches, and whether another machine's process is alive cannot be known from here.
+STALE_TEMPORARY_SECONDS = 7 * 24 * 3600
 
 
 _FEATURES = datasets.Features(
@@ -249,12 +262,66 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _origin() -> str:
+    """`<host>-<PID namespace>` of this process: where its PID means something. Two containers may both run their
+    build as PID 1, on one machine or on several sharing the cache directory."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc (not Linux): the host name alone
+        namespace = 0
+    return f"{host}-{namespace}"
+
+
+# `<fingerprint>.arrow.incomplete-<host>-<PID namespace>-<token>-<pid>`; older builds wrote `...incomplete-<pid>`.
+_TEMPORARY = re.compile(r"\.arrow\.incomplete-(?:(?P<origin>.+-\d+)-(?P<token>[0-9a-f]{32})-)?(?P<pid>\d+)$")
+
+
+def _temporary_path(path: Path) -> Path:
+    """A name for this build's temporary of `path` that no other build, here or on another machine, can have."""
+    return path.with_name(f"{path.name}.incomplete-{_origin()}-{uuid.uuid4().hex}-{os.getpid()}")
+
+
 def _remove_stale_temporaries(root: Path) -> None:
+    """Remove the temporaries of dead builds: those of this machine and PID namespace whose process is gone, and any
+    not written to for `STALE_TEMPORARY_SECONDS`. Another machine's or container's temporary is otherwise left alone:
+    its PID says nothing here."""
+    origin = _origin()
     for tmp in root.glob("*.arrow.incomplete-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            logger.info("Removing %s, left behind by an interrupted cache build.", tmp)
-            tmp.unlink(missing_ok=True)
+        match = _TEMPORARY.search(tmp.name)
+        try:
+            idle = time.time() - tmp.stat().st_mtime
+        except FileNotFoundError:  # its build finished or removed it meanwhile
+            continue
+        if match and match["origin"] == origin and not _pid_alive(int(match["pid"])):
+            reason = "left behind by an interrupted cache build"
+        elif idle > STALE_TEMPORARY_SECONDS:
+            reason = f"not written to for {idle / 86400:.1f} days"
+        else:
+            continue
+        logger.info("Removing %s, %s.", tmp, reason)
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, path: Path) -> bool:
+    """Give the finished temporary `tmp` its final name `path`, unless another build published `path` first; remove
+    `tmp` either way. Returns whether this build's file was published.
+
+    A hard link creates `path` only if it does not exist, atomically, also on NFS: the file another build published
+    is never replaced under the processes (on any machine) that have it open, memory-mapped. Where the file system
+    has no hard links, the temporary is renamed if `path` does not exist yet.
+    """
+    try:
+        os.link(tmp, path)
+        published = True
+    except FileExistsError:
+        published = False
+    except OSError:  # no hard links on this file system
+        published = not path.exists()
+        if published:
+            os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)
+    return published
 
 
 def default_embedding_batch_size(device: torch.device | str) -> int:
@@ -312,14 +379,14 @@ def add_image_embeddings(
             ds,
             model,
             image_processor,
-            split_name,
-            dtype,
-            batch_size,
-            num_workers,
-            path,
-            digests,
-            device,
-            autocast_dtype,
+            path=path,
+            digests=digests,
+            split_name=split_name,
+            dtype=dtype,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            autocast_dtype=autocast_dtype,
         )
         cached = datasets.Dataset.from_file(str(path))
     if ds._indices is not None:
@@ -372,14 +439,27 @@ def _check_space(split_name: str, n_rows: int, row_bytes: int, shapes: list[tupl
 
 
 def _build(
-    ds, model, image_processor, split_name, dtype, batch_size, num_workers, path, digests, device, autocast_dtype
+    ds: datasets.Dataset,
+    model: torch.nn.Module,
+    image_processor,
+    *,
+    path: Path,
+    digests: list[str],
+    split_name: str,
+    dtype: str,
+    batch_size: int | None,
+    num_workers: int | None,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
 ) -> None:
+    """Encode every image of `ds` and write the cache file `path` (`digests`: the images' SHA-256, in row order);
+    the other arguments are those of `add_image_embeddings`."""
     member = family_of(model)
     root = path.parent
     _remove_stale_temporaries(root)
     batch_size = batch_size or default_embedding_batch_size(device)
     if num_workers is None:
-        num_workers = 0 if device.type == "cpu" else min(8, max((os.cpu_count() or 1) - 1, 0))
+        num_workers = default_dataloader_num_workers(cuda=device.type != "cpu")
     loader = torch.utils.data.DataLoader(
         _ImageRows(ds, image_processor),
         batch_size=batch_size,
@@ -388,7 +468,7 @@ def _build(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers else None,
     )
-    tmp = path.with_name(f"{path.name}.incomplete-{os.getpid()}")
+    tmp = _temporary_path(path)
     was_training, original_device = model.training, next(model.parameters()).device
     model.eval().to(device)
     start = time.perf_counter()
@@ -420,7 +500,13 @@ def _build(
             writer.finalize()
         if row != len(ds):
             raise RuntimeError(f"Embedding cache build wrote {row} rows for {len(ds)} images.")
-        os.replace(tmp, path)
+        if not _publish(tmp, path):
+            logger.info(
+                "Split %r: another build published the embedding cache %s first; using it (this build's copy is "
+                "discarded).",
+                split_name,
+                path,
+            )
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

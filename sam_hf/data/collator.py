@@ -35,15 +35,18 @@ class SamDataCollator:
         k = max(f["input_boxes"].shape[0] for f in features)
         if self.pad_to_multiple_of:
             k = -(-k // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        m = features[0]["labels"].shape[-1]
+        # Evaluation rows with instances carry no labels (SamTransform(train=False, with_instances=True)).
+        has_labels = "labels" in features[0]
+        m = features[0]["labels"].shape[-1] if has_labels else 0
         image_key = "image_embeddings" if "image_embeddings" in features[0] else "pixel_values"
         batch = {
             image_key: _stack_levels([f[image_key] for f in features]),
             "input_boxes": torch.zeros(len(features), k, 4),
-            "labels": torch.full((len(features), k, m, m), LABEL_PAD),
             "original_sizes": torch.stack([f["original_sizes"] for f in features]),
             "reshaped_input_sizes": torch.stack([f["reshaped_input_sizes"] for f in features]),
         }
+        if has_labels:
+            batch["labels"] = torch.full((len(features), k, m, m), LABEL_PAD)
         if "input_points" in features[0]:
             batch["input_points"] = torch.zeros(len(features), k, 1, 2)
             batch["input_labels"] = torch.ones(len(features), k, 1, dtype=torch.long)
@@ -56,7 +59,8 @@ class SamDataCollator:
         for i, f in enumerate(features):
             n = f["input_boxes"].shape[0]
             batch["input_boxes"][i, :n] = f["input_boxes"]
-            batch["labels"][i, :n] = f["labels"]
+            if has_labels:
+                batch["labels"][i, :n] = f["labels"]
             if "input_points" in f:
                 batch["input_points"][i, :n] = f["input_points"]
             if "point_labels" in f:

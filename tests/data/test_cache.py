@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,9 +210,12 @@ def test_damage_found_when_reading_stops_training(tiny_model_dir, small_folder, 
 
 
 def test_interrupted_build_leaves_no_temporary(tiny_model_dir, small_folder, tmp_path, monkeypatch):
+    import sam_hf.data.cache as cache_module
+
     cache = tmp_path / "cache"
     cache.mkdir()
-    stale = cache / f"{'0' * 32}.arrow.incomplete-999999999"  # left by a killed build (no such process)
+    # Left by a killed build of this machine and PID namespace (no such process).
+    stale = cache / f"{'0' * 32}.arrow.incomplete-{cache_module._origin()}-{'0' * 32}-999999999"
     stale.write_bytes(b"partial")
     model = SamModel.from_pretrained(tiny_model_dir)
     calls = []
@@ -228,6 +233,63 @@ def test_interrupted_build_leaves_no_temporary(tiny_model_dir, small_folder, tmp
             ds, model, SamProcessor.from_pretrained(tiny_model_dir).image_processor, cache_dir=str(cache)
         )
     assert _cache_files(cache) == []
+
+
+def test_two_builders_with_the_same_pid_do_not_collide(tiny_model_dir, small_folder, tmp_path, monkeypatch, caplog):
+    """Two containers share the cache directory and each runs its build as PID 1: the second build starts and
+    finishes while the first one is writing. Neither writes the other's temporary, and the file published first stays
+    (the first build's copy is discarded, not renamed over it)."""
+    from datasets.arrow_writer import ArrowWriter
+
+    cache = tmp_path / "cache"
+    model = SamModel.from_pretrained(tiny_model_dir)
+    ip = SamProcessor.from_pretrained(tiny_model_dir).image_processor
+    ds = index_objects(load_source(str(small_folder))["train"])
+    write_batch = ArrowWriter.write_batch
+    second: dict = {}
+
+    def first_batch_lets_the_second_build_run(self, *args, **kwargs):
+        if not second:
+            second["temporaries"] = _cache_files(cache)
+            second["out"] = add_image_embeddings(ds, model, ip, cache_dir=str(cache))
+            second["published"] = _cache_files(cache)
+            second["inode"] = next(cache.glob("*.arrow")).stat().st_ino
+        return write_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrowWriter, "write_batch", first_batch_lets_the_second_build_run)
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    with caplog.at_level(logging.INFO, logger="sam_hf"):
+        first = add_image_embeddings(ds, model, ip, cache_dir=str(cache))
+    monkeypatch.undo()
+    assert len(second["temporaries"]) == 1 and ".arrow.incomplete-" in second["temporaries"][0]
+    (path,) = cache.glob("*.arrow")
+    # While the first build was still writing, the second published its file and left the first one's temporary.
+    assert second["published"] == sorted([path.name, second["temporaries"][0]])
+    assert _cache_files(cache) == [path.name] and path.stat().st_ino == second["inode"]
+    assert "another build published the embedding cache" in caplog.text
+    embeddings = [np.stack([read_embedding(out[i]).numpy() for i in range(len(ds))]) for out in (first, second["out"])]
+    np.testing.assert_array_equal(embeddings[0], embeddings[1])
+
+
+def test_stale_temporaries_of_other_machines_are_left_alone(tiny_model_dir, small_folder, tmp_path):
+    """A build removes the temporaries of dead builds of its own machine and PID namespace, never another machine's
+    by its PID (PID 999999999 exists nowhere here, but may be alive there), unless unwritten for a week."""
+    import sam_hf.data.cache as cache_module
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    prefix = f"{'0' * 32}.arrow.incomplete-"
+    other_live = cache / f"{prefix}node-7-4026531836-{'a' * 32}-999999999"
+    other_abandoned = cache / f"{prefix}node-7-4026531836-{'b' * 32}-999999998"
+    ours_dead = cache / f"{prefix}{cache_module._origin()}-{'c' * 32}-999999999"
+    ours_live = cache / f"{prefix}{cache_module._origin()}-{'d' * 32}-{os.getpid()}"
+    for tmp in (other_live, other_abandoned, ours_dead, ours_live):
+        tmp.write_bytes(b"partial")
+    week_ago = time.time() - cache_module.STALE_TEMPORARY_SECONDS - 3600
+    os.utime(other_abandoned, (week_ago, week_ago))
+    _build_once(tiny_model_dir, small_folder, cache)
+    assert other_live.exists() and ours_live.exists()
+    assert not ours_dead.exists() and not other_abandoned.exists()
 
 
 def test_cache_build_refuses_without_disk_space(tiny_model_dir, small_folder, tmp_path, monkeypatch):

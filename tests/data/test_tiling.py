@@ -7,6 +7,7 @@ import logging
 import datasets
 import numpy as np
 import pytest
+from conftest import train_argv
 
 from sam_hf.config.arguments import DataArguments
 from sam_hf.core.masks import boxes_from_instances
@@ -76,14 +77,12 @@ def test_training_on_tiles(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     from sam_hf.config.parser import parse_args
     from sam_hf.training.run import run_training
 
-    argv = [
-        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir",
-        str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_train_samples", "2",
-        "--max_eval_samples", "1", "--max_objects_per_image", "4", "--eval_strategy", "no", "--save_strategy", "no",
-        "--report_to", "none", "--tile_size", "128", "--tile_overlap", "32", "--eval_before_training", "false",
-    ]  # fmt: skip
+    argv = train_argv(
+        tiny_model_dir, nuclei_dir, tmp_path / "run", max_train_samples=2, max_eval_samples=1, tile_size=128,
+        tile_overlap=32, eval_before_training=False,
+    )  # fmt: skip
     args = parse_args(argv)
-    with caplog.at_level(logging.INFO, logger="sam_hf"):
+    with caplog.at_level(logging.INFO, logger="sam_hf.data.windows"):  # run_training sets the sam_hf logger's level
         run_training(*args)
     # The tiles' labels are read as instance maps; the user's arguments are left as they were given.
     assert args[1].mask_type == "auto" and args[1].label_mask_type == "instance"
@@ -323,15 +322,14 @@ def test_training_on_object_crops(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     from sam_hf.config.parser import parse_args
     from sam_hf.training.run import run_training
 
-    argv = [
-        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir), "--output_dir",
-        str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_train_samples", "1",
-        "--max_eval_samples", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-        "--object_crop_scale", "6", "--eval_before_training", "false", "--point_crop_scale", "12",
-        "--point_crop_every", "2", "--use_cpu",  # its evaluation is compared with run_evaluation's, on the CPU
-    ]  # fmt: skip
+    argv = train_argv(
+        tiny_model_dir, nuclei_dir, tmp_path / "run", per_device_train_batch_size=4, max_train_samples=1,
+        max_eval_samples=1, max_objects_per_image=None, object_crop_scale=6, eval_before_training=False,
+        point_crop_scale=12, point_crop_every=2,
+        use_cpu=True,  # its evaluation is compared with run_evaluation's, on the CPU
+    )  # fmt: skip
     args = parse_args(argv)
-    with caplog.at_level(logging.INFO, logger="sam_hf"):
+    with caplog.at_level(logging.INFO, logger="sam_hf.data.windows"):  # run_training sets the sam_hf logger's level
         metrics = run_training(*args)
     assert args[1].mask_type == "auto" and args[1].label_mask_type == "instance"
     # The training image's objects also get point crops, one in two; evaluation gets none (checked below).

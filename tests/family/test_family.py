@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_argv
 from PIL import Image
 
 from sam_hf.config.parser import parse_args
@@ -147,13 +148,10 @@ def test_same_flags_freeze_the_same_parts(member_dir):
 def test_train_reload_predict_pipeline_and_serve(member_dir, nuclei_dir, tmp_path):
     """A few steps through the training job, then every way users load and run the result."""
     out = tmp_path / "run"
-    argv = [
-        "--model_name_or_path", str(member_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out),
-        "--max_steps", "3", "--per_device_train_batch_size", "2", "--max_train_samples", "4",
-        "--max_eval_samples", "2", "--max_objects_per_image", "4", "--eval_strategy", "no", "--save_strategy", "no",
-        "--report_to", "none", "--learning_rate", "1e-3", "--multimask_every", "2",
-        "--embedding_cache_dir", str(tmp_path / "cache"),
-    ]  # fmt: skip
+    argv = train_argv(
+        member_dir, nuclei_dir, out, max_steps=3, learning_rate=1e-3, multimask_every=2,
+        embedding_cache_dir=tmp_path / "cache",
+    )  # fmt: skip
     run_training(*parse_args(argv))
     member = family_of(json.loads((out / "config.json").read_text())["model_type"])
     base = member.model_class.from_pretrained(member_dir)
@@ -272,12 +270,10 @@ def test_lora_training_of_multi_level_members(model_type, nuclei_dir, tmp_path):
     member.model_class(config).save_pretrained(base_dir)
     tiny_processor(config).save_pretrained(base_dir)
     out = tmp_path / "run"
-    argv = [
-        "--model_name_or_path", str(base_dir), "--dataset_name", str(nuclei_dir), "--output_dir", str(out),
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_train_samples", "2",
-        "--max_eval_samples", "1", "--max_objects_per_image", "4", "--eval_strategy", "no", "--save_strategy", "no",
-        "--report_to", "none", "--learning_rate", "1e-2", "--multimask_every", "1", "--lora_rank", "2",
-    ]  # fmt: skip
+    argv = train_argv(
+        base_dir, nuclei_dir, out, max_train_samples=2, max_eval_samples=1, learning_rate=1e-2, multimask_every=1,
+        lora_rank=2,
+    )  # fmt: skip
     run_training(*parse_args(argv))
     merged = member.model_class.from_pretrained(out).eval()
     base_for_adapter = member.model_class.from_pretrained(base_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_argv
 from safetensors.torch import load_file
 
 from sam_hf.config.parser import parse_args
@@ -14,13 +15,11 @@ from sam_hf.training.run import run_training
 def test_torch_compile_trains_like_eager(tiny_model_dir, nuclei_dir, tmp_path):
     def train(name, *extra):
         out = tmp_path / name
-        argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(nuclei_dir)]
-        argv += ["--output_dir", str(out), "--embedding_cache_dir", str(tmp_path / "cache"), "--use_cpu"]
-        argv += "--max_steps 3 --per_device_train_batch_size 2 --learning_rate 1e-3 --max_train_samples 6".split()
-        argv += (
-            "--max_eval_samples 2 --max_objects_per_image 4 --eval_strategy no --eval_before_training false".split()
-        )
-        argv += "--save_strategy no --report_to none --logging_steps 1 --seed 5 --dataloader_num_workers 0".split()
+        argv = train_argv(
+            tiny_model_dir, nuclei_dir, out, embedding_cache_dir=tmp_path / "cache", use_cpu=True, max_steps=3,
+            learning_rate=1e-3, max_train_samples=6, eval_before_training=False, logging_steps=1, seed=5,
+            dataloader_num_workers=0,
+        )  # fmt: skip
         run_training(*parse_args(argv + list(extra)))
         return load_file(out / "model.safetensors")
 
