@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from sam_hf.viz.plots import compare_runs, runs_table_markdown, save_figure
+    from sam_hf.viz import compare_runs, runs_table_markdown, save_figure
 
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise SystemExit(f"--labels needs one name per run: got {len(args.labels)} for {len(args.runs)} runs.")

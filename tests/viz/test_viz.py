@@ -27,6 +27,7 @@ from sam_hf.core.masks import (  # noqa: E402
 )
 from sam_hf.core.scores import dice_per_object  # noqa: E402
 from sam_hf.viz import plots as viz  # noqa: E402
+from sam_hf.viz.runs import runs_table_markdown  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -491,7 +492,7 @@ def test_compare_runs_table_by_hand(three_runs):
     }
     assert (rows[1]["best"], rows[1]["best_step"], rows[1]["final"]) == (0.65, 100, 0.65)
     assert (rows[2]["best"], rows[2]["best_step"], rows[2]["final"], rows[2]["num_evals"]) == (None, None, None, 0)
-    assert viz.runs_table_markdown(rows) == (
+    assert runs_table_markdown(rows) == (
         "| run | best eval_dice | step of best | final eval_dice |\n"
         "|---|---|---|---|\n"
         "| lr-1e-3 | **0.7200** | 200 | 0.7000 |\n"
@@ -509,7 +510,7 @@ def test_compare_runs_table_by_hand(three_runs):
         ("a", "eval_loss", 0.60, 200, 0.65),
         ("b", "eval_loss", 0.55, 300, 0.55),
     ]
-    assert "| b | **0.5500** | 300 | 0.5500 |" in viz.runs_table_markdown(rows)
+    assert "| b | **0.5500** | 300 | 0.5500 |" in runs_table_markdown(rows)
     with pytest.raises(ValueError, match="labels"):
         viz.compare_runs(three_runs, labels=["only-one"])
 
