@@ -177,8 +177,9 @@ class DataArguments:
 
 
 @dataclass
-class SamArguments:
-    """Prompts, freezing, loss, and what may happen to an existing output directory."""
+class PromptArguments:
+    """The prompts of each training step: boxes, the multimask point pass, the first prompt's type and the correction
+    rounds."""
 
     box_jitter: float = field(
         default=20.0,
@@ -190,8 +191,6 @@ class SamArguments:
     max_objects_per_image: int | None = field(
         default=16, metadata={"help": "Cap on box prompts per image per training step, sampled at random."}
     )
-    freeze_vision_encoder: bool = field(default=True, metadata={"help": "Freeze the ViT image encoder."})
-    freeze_prompt_encoder: bool = field(default=True, metadata={"help": "Freeze the prompt encoder."})
     multimask_training: bool = field(
         default=False,
         metadata={
@@ -212,16 +211,6 @@ class SamArguments:
             "--multimask_training prompts every object."
         },
     )
-    background_point_weight: float = field(
-        default=0.1,
-        metadata={
-            "help": "With the multimask point pass: each training image is also prompted with one point on no object, "
-            "whose three masks learn to be empty (cross-entropy against an empty target) and whose predicted IoUs "
-            "learn 0 (squared, times --iou_loss_weight); this is the weight of that loss, summed over images and "
-            "divided by the box-prompted objects. Automatic mask generation's grid points on background then give no "
-            "confident blobs. 0 turns it off."
-        },
-    )
     prompt_types: str = field(
         default="box",
         metadata={
@@ -238,6 +227,33 @@ class SamArguments:
             "all rounds are summed. 0: one prediction per object."
         },
     )
+
+    def _check_prompts(self) -> None:
+        if self.multimask_every < 0:
+            raise ValueError(f"--multimask_every must be >= 0 (0 turns it off), got {self.multimask_every}.")
+        parse_prompt_types(self.prompt_types)
+        if self.num_correction_rounds < 0:
+            raise ValueError(f"--num_correction_rounds must be >= 0, got {self.num_correction_rounds}.")
+        if self.box_jitter < 0:
+            raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
+        if self.max_objects_per_image is not None and self.max_objects_per_image < 1:
+            raise ValueError(f"--max_objects_per_image must be >= 1, got {self.max_objects_per_image}.")
+
+
+@dataclass
+class LossArguments:
+    """The weights of the loss terms."""
+
+    background_point_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "With the multimask point pass: each training image is also prompted with one point on no object, "
+            "whose three masks learn to be empty (cross-entropy against an empty target) and whose predicted IoUs "
+            "learn 0 (squared, times --iou_loss_weight); this is the weight of that loss, summed over images and "
+            "divided by the box-prompted objects. Automatic mask generation's grid points on background then give no "
+            "confident blobs. 0 turns it off."
+        },
+    )
     iou_loss_weight: float = field(
         default=1.0,
         metadata={
@@ -248,10 +264,23 @@ class SamArguments:
     )
     lambda_dice: float = field(default=1.0, metadata={"help": "Weight of the Dice term of DiceCE."})
     lambda_ce: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy term of DiceCE."})
-    early_stopping_patience: int | None = field(
-        default=None,
-        metadata={"help": "Stop after this many evaluations without improvement (EarlyStoppingCallback)."},
-    )
+
+    def _check_loss(self) -> None:
+        if self.iou_loss_weight < 0:
+            raise ValueError(f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}.")
+        if self.background_point_weight < 0:
+            raise ValueError(f"--background_point_weight must be >= 0, got {self.background_point_weight}.")
+        if self.lambda_dice < 0 or self.lambda_ce < 0 or self.lambda_dice + self.lambda_ce == 0:
+            raise ValueError(
+                f"--lambda_dice and --lambda_ce must be >= 0 and not both 0, got {self.lambda_dice} and "
+                f"{self.lambda_ce}."
+            )
+
+
+@dataclass
+class CacheArguments:
+    """The embedding cache, which a frozen vision encoder allows (`SamArguments.freeze_vision_encoder`)."""
+
     cache_embeddings: bool | None = field(
         default=None,
         metadata={
@@ -272,6 +301,21 @@ class SamArguments:
     embedding_cache_dir: str | None = field(
         default=None, metadata={"help": "Where embedding caches live; defaults to <datasets cache>/sam_hf/embeddings."}
     )
+
+    def _check_cache(self) -> None:
+        """The cache default (on with a frozen vision encoder) and values; after `_check_lora`, which turns it off."""
+        if self.cache_embeddings is None:
+            self.cache_embeddings = self.freeze_vision_encoder
+        if self.cache_embeddings and not self.freeze_vision_encoder:
+            raise ValueError("--cache_embeddings needs --freeze_vision_encoder: a trained encoder changes embeddings.")
+        if self.embedding_dtype not in ("float16", "float32"):
+            raise ValueError(f"--embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}.")
+
+
+@dataclass
+class LoraArguments:
+    """LoRA adapters on the frozen image encoder (`SamArguments.freeze_vision_encoder`; no embedding cache)."""
+
     lora_rank: int | None = field(
         default=None,
         metadata={
@@ -300,46 +344,6 @@ class SamArguments:
             "false only the adapter (and its base model reference) is kept."
         },
     )
-    eval_before_training: bool = field(
-        default=True, metadata={"help": "Evaluate the base model first, so the card can report before and after."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Train into an --output_dir that already holds files. Without it (or --resume_from_checkpoint), "
-            "such a run stops before any work. With it, the previous run's checkpoint-* folders, *_results.json, "
-            "trainer_state.json and figures are deleted first, and its model and card are overwritten; other files "
-            "are kept."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        self._check_lora()
-        if self.cache_embeddings is None:
-            self.cache_embeddings = self.freeze_vision_encoder
-        if self.cache_embeddings and not self.freeze_vision_encoder:
-            raise ValueError("--cache_embeddings needs --freeze_vision_encoder: a trained encoder changes embeddings.")
-        if self.embedding_dtype not in ("float16", "float32"):
-            raise ValueError(f"--embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}.")
-        if self.multimask_every < 0:
-            raise ValueError(f"--multimask_every must be >= 0 (0 turns it off), got {self.multimask_every}.")
-
-        parse_prompt_types(self.prompt_types)
-        if self.num_correction_rounds < 0:
-            raise ValueError(f"--num_correction_rounds must be >= 0, got {self.num_correction_rounds}.")
-        if self.iou_loss_weight < 0:
-            raise ValueError(f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}.")
-        if self.background_point_weight < 0:
-            raise ValueError(f"--background_point_weight must be >= 0, got {self.background_point_weight}.")
-        if self.box_jitter < 0:
-            raise ValueError(f"--box_jitter must be >= 0 pixels, got {self.box_jitter}.")
-        if self.max_objects_per_image is not None and self.max_objects_per_image < 1:
-            raise ValueError(f"--max_objects_per_image must be >= 1, got {self.max_objects_per_image}.")
-        if self.lambda_dice < 0 or self.lambda_ce < 0 or self.lambda_dice + self.lambda_ce == 0:
-            raise ValueError(
-                f"--lambda_dice and --lambda_ce must be >= 0 and not both 0, got {self.lambda_dice} and "
-                f"{self.lambda_ce}."
-            )
 
     def _check_lora(self) -> None:
         """LoRA flags: valid values, peft installed, and no embedding cache (the encoder learns)."""
@@ -372,6 +376,42 @@ class SamArguments:
                 "`pip install 'peft>=0.13'`), or train without --lora_rank."
             )
         self.cache_embeddings = False
+
+
+# A dataclass lists the fields of its last base first: the flags come in the order prompts, loss, cache, LoRA, then
+# the ones of SamArguments itself.
+@dataclass
+class SamArguments(LoraArguments, CacheArguments, LossArguments, PromptArguments):
+    """Prompts, loss, embedding cache, LoRA, freezing, and what may happen to an existing output directory.
+
+    The flags of each concern come from its own dataclass (`PromptArguments`, `LossArguments`, `CacheArguments`,
+    `LoraArguments`); the cache and LoRA checks also read `freeze_vision_encoder`, so they run from here.
+    """
+
+    freeze_vision_encoder: bool = field(default=True, metadata={"help": "Freeze the ViT image encoder."})
+    freeze_prompt_encoder: bool = field(default=True, metadata={"help": "Freeze the prompt encoder."})
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many evaluations without improvement (EarlyStoppingCallback)."},
+    )
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Evaluate the base model first, so the card can report before and after."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an --output_dir that already holds files. Without it (or --resume_from_checkpoint), "
+            "such a run stops before any work. With it, the previous run's checkpoint-* folders, *_results.json, "
+            "trainer_state.json and figures are deleted first, and its model and card are overwritten; other files "
+            "are kept."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self._check_lora()
+        self._check_cache()
+        self._check_prompts()
+        self._check_loss()
 
 
 def multimask_stride(sam_args: SamArguments) -> int:

@@ -136,6 +136,8 @@ class SamTransform:
             `(seed, epoch, row)` (the row's `row_index` column from `index_objects`, or a hash of its boxes), so they
             change every epoch (`set_epoch`) and do not depend on dataloader workers or restarts.
         with_instances (`bool`): also return the original-resolution instance map and the object ids, for metrics.
+            In evaluation (`train=False`) the `labels` are then left out: `SamTrainer` makes them from the instance
+            map `eval_chunk_size` objects at a time, so that an image's labels never exist all at once.
         point_prompts (`bool`, *optional*, defaults to `False`): also return `input_points` `(K, 1, 2)` (one point
             drawn uniformly from each object's pixels, in the resized frame) and `input_labels` `(K, 1)`, for
             multimask training.
@@ -237,60 +239,114 @@ class SamTransform:
         return zlib.crc32(np.asarray(batch["boxes"][row], np.float32).tobytes())
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-
-        cached = "image_embeddings" in batch
-        image_key = "image_embeddings" if cached else "pixel_values"
-        keys = (image_key, "input_boxes", "labels", "original_sizes", "reshaped_input_sizes")
-        out: dict[str, list] = {k: [] for k in keys}
-        if self.with_instances:
-            out["instances"], out["object_ids"] = [], []
-        if self.point_prompts:
-            out["input_points"], out["input_labels"] = [], []
-        if self.background_points:
-            out["background_points"], out["background_labels"] = [], []
         point_rows = self.train and "point_only" in batch
-        if point_rows:
-            out["point_only"], out["point_labels"] = [], []
+        out: dict[str, list] = {k: [] for k in self.output_keys("image_embeddings" in batch, point_rows)}
         for row in range(len(batch["boxes"])):
-            if cached:
-                # Image side from the embedding cache: no image decoding at all.
-                out[image_key].append(read_embedding({k: batch[k][row] for k in EMBEDDING_KEYS if k in batch}))
-                original_size = tuple(int(v) for v in batch["original_sizes"][row])
-                reshaped_size = tuple(int(v) for v in batch["reshaped_input_sizes"][row])
-            else:
-                enc = encode_images(self.processor.image_processor, to_rgb_array(batch["image"][row]))
-                out[image_key].append(enc["pixel_values"][0])
-                original_size = tuple(int(v) for v in enc["original_sizes"][0])
-                reshaped_size = tuple(int(v) for v in enc["reshaped_input_sizes"][0])
-            instances = mask_to_instances(batch["label"][row], self.mask_type)
-            rng = self.row_rng(self._row_key(batch, row))
-            keep = self.select(len(batch["boxes"][row]), rng)
-            exact = np.asarray(batch["boxes"][row], np.float32)[keep]
-            boxes = jitter_boxes(exact, self.box_jitter, original_size, rng) if self.box_jitter else exact
-            ids = torch.from_numpy(keep + 1)
-            inst = torch.from_numpy(instances)
-            out["input_boxes"].append(scale_coords(boxes, original_size, reshaped_size))
-            if self.point_prompts:
-                points = self.sample_points(instances, keep + 1, rng)
-                out["input_points"].append(scale_coords(points, original_size, reshaped_size)[:, None])
-                out["input_labels"].append(torch.ones(len(keep), 1, dtype=torch.long))
-            if self.background_points:
-                where = self.sample_background(batch, row, instances, rng)
-                found = where is not None
-                where = where if found else np.zeros((1, 2))
-                out["background_points"].append(scale_coords(where, original_size, reshaped_size)[None])
-                out["background_labels"].append(torch.tensor([[1 if found else -10]], dtype=torch.long))
-            label_shape = self.geometry.label_shape(*instances.shape)
-            labels = object_labels(instances, exact, keep + 1, label_shape, self.geometry.mask_side)
-            if point_rows:
-                point_only = bool(batch["point_only"][row])
-                out["point_only"].append(torch.tensor(point_only))
-                out["point_labels"].append(labels)
-                labels = torch.full_like(labels, LABEL_PAD) if point_only else labels
-            out["labels"].append(labels)
-            out["original_sizes"].append(torch.tensor(original_size))
-            out["reshaped_input_sizes"].append(torch.tensor(reshaped_size))
-            if self.with_instances:
-                out["instances"].append(inst)
-                out["object_ids"].append(ids)
+            example = self.transform_row(batch, row, point_rows)
+            for key, values in out.items():
+                values.append(example[key])
         return out
+
+    def output_keys(self, cached: bool, point_rows: bool) -> list[str]:
+        """The columns `__call__` returns: with `cached` embeddings (else `pixel_values`), and with `point_rows` the
+        `point_only` flag and `point_labels` (training rows of a dataset with point-prompt crops)."""
+        keys = ["image_embeddings" if cached else "pixel_values", "input_boxes"]
+        # Evaluation rows with instances carry no labels: SamTrainer makes them from the instance map, a chunk of
+        # objects at a time, so that memory does not grow with the objects of an image.
+        keys += ["labels"] if self.train or not self.with_instances else []
+        keys += ["original_sizes", "reshaped_input_sizes"]
+        if self.with_instances:
+            keys += ["instances", "object_ids"]
+        if self.point_prompts:
+            keys += ["input_points", "input_labels"]
+        if self.background_points:
+            keys += ["background_points", "background_labels"]
+        if point_rows:
+            keys += ["point_only", "point_labels"]
+        return keys
+
+    def transform_row(self, batch: dict[str, list], row: int, point_rows: bool = False) -> dict[str, torch.Tensor]:
+        """Row `row` of `batch` as one example: a value for each of `output_keys`.
+
+        The row's random draws come from its own generator (`row_rng`), in this order: the objects kept, the box
+        jitter, the interior points, the background point.
+        """
+        image, original_size, reshaped_size = self.image_side(batch, row)
+        instances = mask_to_instances(batch["label"][row], self.mask_type)
+        rng = self.row_rng(self._row_key(batch, row))
+        keep = self.select(len(batch["boxes"][row]), rng)
+        exact = np.asarray(batch["boxes"][row], np.float32)[keep]
+        example = {"image_embeddings" if "image_embeddings" in batch else "pixel_values": image}
+        example.update(self.row_prompts(batch, row, instances, exact, keep + 1, original_size, reshaped_size, rng))
+        if "labels" in self.output_keys("image_embeddings" in batch, point_rows):
+            example.update(self.row_labels(batch, row, instances, exact, keep + 1, point_rows))
+        example["original_sizes"] = torch.tensor(original_size)
+        example["reshaped_input_sizes"] = torch.tensor(reshaped_size)
+        if self.with_instances:
+            example["instances"], example["object_ids"] = torch.from_numpy(instances), torch.from_numpy(keep + 1)
+        return example
+
+    def row_prompts(
+        self,
+        batch: dict[str, list],
+        row: int,
+        instances: np.ndarray,
+        boxes: np.ndarray,
+        ids: np.ndarray,
+        original_size: tuple[int, int],
+        reshaped_size: tuple[int, int],
+        rng: np.random.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """The prompts of the objects `ids` (exact `boxes`) in the resized frame: `input_boxes` (jittered when
+        training), and when asked `input_points` / `input_labels` and `background_points` / `background_labels`,
+        drawn from `rng` in that order."""
+        scale = functools.partial(scale_coords, original_size=original_size, reshaped_size=reshaped_size)
+        if self.box_jitter:
+            boxes = jitter_boxes(boxes, self.box_jitter, original_size, rng)
+        prompts = {"input_boxes": scale(boxes)}
+        if self.point_prompts:
+            prompts["input_points"] = scale(self.sample_points(instances, ids, rng))[:, None]
+            prompts["input_labels"] = torch.ones(len(ids), 1, dtype=torch.long)
+        if self.background_points:
+            where = self.sample_background(batch, row, instances, rng)
+            found = where is not None
+            prompts["background_points"] = scale(where if found else np.zeros((1, 2)))[None]
+            prompts["background_labels"] = torch.tensor([[1 if found else -10]], dtype=torch.long)
+        return prompts
+
+    def image_side(
+        self, batch: dict[str, list], row: int
+    ) -> tuple[torch.Tensor | list[torch.Tensor], tuple[int, int], tuple[int, int]]:
+        """The row's `pixel_values`, or its cached `image_embeddings` (no image decoding at all), with the image's
+        `(height, width)` before and after the processor's resize."""
+        if "image_embeddings" in batch:
+            embedding = read_embedding({k: batch[k][row] for k in EMBEDDING_KEYS if k in batch})
+            original_size = tuple(int(v) for v in batch["original_sizes"][row])
+            reshaped_size = tuple(int(v) for v in batch["reshaped_input_sizes"][row])
+            return embedding, original_size, reshaped_size
+        enc = encode_images(self.processor.image_processor, to_rgb_array(batch["image"][row]))
+        original_size = tuple(int(v) for v in enc["original_sizes"][0])
+        reshaped_size = tuple(int(v) for v in enc["reshaped_input_sizes"][0])
+        return enc["pixel_values"][0], original_size, reshaped_size
+
+    def row_labels(
+        self,
+        batch: dict[str, list],
+        row: int,
+        instances: np.ndarray,
+        boxes: np.ndarray,
+        ids: np.ndarray,
+        point_rows: bool,
+    ) -> dict[str, torch.Tensor]:
+        """The soft low-resolution `labels` of the objects `ids` (exact `boxes`) of the row's instance map; with
+        `point_rows`, also `point_labels` and the `point_only` flag (a point-only row's `labels` are all -100)."""
+        label_shape = self.geometry.label_shape(*instances.shape)
+        labels = object_labels(instances, boxes, ids, label_shape, self.geometry.mask_side)
+        if not point_rows:
+            return {"labels": labels}
+        point_only = bool(batch["point_only"][row])
+        return {
+            "labels": torch.full_like(labels, LABEL_PAD) if point_only else labels,
+            "point_only": torch.tensor(point_only),
+            "point_labels": labels,
+        }

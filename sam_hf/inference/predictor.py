@@ -45,6 +45,12 @@ class SamPrediction:
         return self.masks[rows, idx], self.scores[rows, idx]
 
 
+def _drop_unit_dims(arr: np.ndarray) -> np.ndarray:
+    """`arr` without its leading dimensions of size 1, so that a `(1, 1, h, w)` mask reads as `(h, w)`; any other
+    shape is returned as it is, for the caller to refuse."""
+    return arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and all(d == 1 for d in arr.shape[:-2]) else arr
+
+
 class SamPredictor:
     """Segment an image with box and/or point prompts, encoding the image once.
 
@@ -191,23 +197,43 @@ class SamPredictor:
         image = self.family.decoder_inputs(self.image_embeddings)
         masks, scores, logits = [], [], []
         for start in range(0, n, self.chunk_size):
-            sl = slice(start, start + self.chunk_size)
-            kwargs = {}
-            if boxes is not None:
-                kwargs["input_boxes"] = self._scale(boxes[sl])[None]
-            if points is not None:
-                kwargs["input_points"] = self._scale(points[sl])[None]
-                kwargs["input_labels"] = torch.from_numpy(labels[sl]).to(self.device)[None]
-            if dense is not None:
-                kwargs["input_masks"] = dense
-            out = self.model(**image, multimask_output=multimask_output, **self.family.forward_kwargs, **kwargs)
-            low_res = out.pred_masks[0].float()
-            full = self.geometry.upscale(low_res.flatten(0, 1), self.original_size, self.reshaped_size)
-            full = full.reshape(*low_res.shape[:2], *full.shape[-2:]) > self.mask_threshold
-            masks.append(full.cpu().numpy())
-            scores.append(out.iou_scores[0].float().cpu().numpy())
-            logits.append(low_res.cpu().numpy())
+            prompts = self._prompt_inputs(slice(start, start + self.chunk_size), boxes, points, labels, dense)
+            chunk_masks, chunk_scores, chunk_logits = self._decode(image, prompts, multimask_output)
+            masks.append(chunk_masks)
+            scores.append(chunk_scores)
+            logits.append(chunk_logits)
         return SamPrediction(np.concatenate(masks), np.concatenate(scores), np.concatenate(logits))
+
+    def _prompt_inputs(
+        self,
+        rows: slice,
+        boxes: np.ndarray | None,
+        points: np.ndarray | None,
+        labels: np.ndarray | None,
+        dense: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The prompt keyword arguments of the model for the prompts `rows` (validated, in original pixels), in the
+        resized frame and with a batch dimension of 1 (one image)."""
+        kwargs = {}
+        if boxes is not None:
+            kwargs["input_boxes"] = self._scale(boxes[rows])[None]
+        if points is not None:
+            kwargs["input_points"] = self._scale(points[rows])[None]
+            kwargs["input_labels"] = torch.from_numpy(labels[rows]).to(self.device)[None]
+        if dense is not None:
+            kwargs["input_masks"] = dense
+        return kwargs
+
+    def _decode(
+        self, image: dict[str, Any], prompts: dict[str, torch.Tensor], multimask_output: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One decoder call on the current image: the `(N, M, H, W)` masks at the original resolution, their `(N, M)`
+        predicted IoUs and `(N, M, h, w)` low-resolution logits (`SamPrediction`'s fields)."""
+        out = self.model(**image, multimask_output=multimask_output, **self.family.forward_kwargs, **prompts)
+        low_res = out.pred_masks[0].float()
+        full = self.geometry.upscale(low_res.flatten(0, 1), self.original_size, self.reshaped_size)
+        full = full.reshape(*low_res.shape[:2], *full.shape[-2:]) > self.mask_threshold
+        return full.cpu().numpy(), out.iou_scores[0].float().cpu().numpy(), low_res.cpu().numpy()
 
     def mask_input_from_mask(self, mask: Any, logit: float = 10.0) -> np.ndarray:
         """A binary mask of the current image (what a labelling tool holds: an earlier mask, or one a person drew) as
@@ -220,7 +246,7 @@ class SamPredictor:
         arr = np.asarray(mask)
         if self.original_size is None:
             raise RuntimeError("Call `set_image(image)` before converting a mask of it.")
-        arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and all(d == 1 for d in arr.shape[:-2]) else arr
+        arr = _drop_unit_dims(arr)
         if arr.shape != self.original_size:
             raise PromptError(
                 f"The mask prompt is {arr.shape[0]}x{arr.shape[1]} (HxW) but the image is "
@@ -241,7 +267,7 @@ class SamPredictor:
             return None
         side = self.geometry.mask_side
         arr = np.asarray(mask_input, dtype=np.float32)
-        arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and all(d == 1 for d in arr.shape[:-2]) else arr
+        arr = _drop_unit_dims(arr)
         if arr.shape != (side, side):
             raise PromptError(
                 f"mask_input must be the {side}x{side} low-resolution logits of an earlier prediction "

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import train_argv
 
 from sam_hf.config.arguments import parse_prompt_types
 from sam_hf.core.clicks import correction_clicks, interior_point, next_click
@@ -113,29 +114,26 @@ def _train(model_dir, data_dir, out, *extra):
     from sam_hf.config.parser import parse_args
     from sam_hf.training.run import run_training
 
-    argv = [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_train_samples", "4",
-        "--max_eval_samples", "2", "--max_objects_per_image", "3", "--eval_strategy", "no", "--save_strategy", "no",
-        "--report_to", "none", "--learning_rate", "1e-3", "--eval_before_training", "false", *extra,
-    ]  # fmt: skip
-    run_training(*parse_args(argv))
+    argv = train_argv(
+        model_dir, data_dir, out, max_objects_per_image=3, learning_rate=1e-3, eval_before_training=False
+    )
+    run_training(*parse_args(argv + list(extra)))
 
 
 @pytest.mark.slow
 def test_interactive_training_runs_each_round_on_the_previous_logits(
     tiny_model_dir, nuclei_dir, tmp_path, monkeypatch
 ):
-    import sam_hf.training.trainer as trainer_module
+    import sam_hf.training.objective as objective_module
 
     calls = []
-    original = trainer_module.correction_clicks
+    original = objective_module.correction_clicks
 
     def recording(logits, labels, input_side, generator=None):
         calls.append((logits.clone(), labels.clone(), input_side))
         return original(logits, labels, input_side, generator)
 
-    monkeypatch.setattr(trainer_module, "correction_clicks", recording)
+    monkeypatch.setattr(objective_module, "correction_clicks", recording)
     out = tmp_path / "run"
     _train(tiny_model_dir, nuclei_dir, out, "--prompt_types", "box,point", "--num_correction_rounds", "2")
     assert len(calls) == 2 * 2  # 2 steps x 2 rounds

@@ -93,6 +93,7 @@ def test_output_dir_check_lets_empty_missing_and_resumed_dirs_through(tmp_path):
     assert (tmp_path / "used" / "checkpoint-600").is_dir()
 
 
+@pytest.mark.slow
 def test_overwrite_output_dir_replaces_the_previous_run(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     out = tmp_path / "run"
     _previous_run(out)
@@ -117,6 +118,7 @@ def test_overwrite_output_dir_replaces_the_previous_run(tiny_model_dir, nuclei_d
     assert not (out / "eval_predictions.png").exists() or "eval_dice" in (out / "eval_results.json").read_text()
 
 
+@pytest.mark.slow
 def test_short_run_without_logged_loss_finishes_with_its_card(
     tiny_model_dir, nuclei_dir, tmp_path, monkeypatch, caplog
 ):
@@ -275,6 +277,7 @@ def test_dataloader_workers_default_on_gpu_machines_only(monkeypatch, tmp_path):
     assert parse_args(base)[3].dataloader_num_workers == 0
 
 
+@pytest.mark.slow
 def test_streaming_trains_without_cache_and_evaluates(tiny_model_dir, nuclei_dir, tmp_path, caplog):
     import json
     import logging

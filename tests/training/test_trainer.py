@@ -548,3 +548,108 @@ def test_point_pass_decodes_only_the_rows_it_prompts(tiny_model_dir):
     n_box_objects = int((box_labels[0] != -100).flatten(1).any(1).sum())
     assert n_box_objects == 1  # image A has one object
     torch.testing.assert_close(loss, box_only + (mask_sum + iou_sum) / n_box_objects, rtol=1e-5, atol=1e-6)
+
+
+def test_objective_computes_the_loss_without_a_trainer(tiny_model_dir):
+    """`SamObjective` alone (no Trainer, no accelerate) gives the training loss of a batch: the box pass's DiceCE and
+    IoU-prediction loss, plus the multimask point pass and the background points, each a sum divided by the
+    box-prompted objects, computed here with one full forward per decoder call."""
+    from sam_hf.family.registry import family_of
+    from sam_hf.training.loss import multimask_loss
+    from sam_hf.training.objective import SamObjective
+
+    model = SamModel.from_pretrained(tiny_model_dir)
+    freeze_modules(model)
+    _, batch = _point_batch(tiny_model_dir, background=True)
+    family = family_of(model)
+    objective = SamObjective(family, family.geometry(model.config), multimask_every=1, background_point_weight=0.5)
+    model.train()
+    with torch.no_grad():
+        loss, n_objects, outputs = objective(model, batch, step=0)
+        pixels, labels = batch["pixel_values"], batch["labels"]
+        box = model(pixel_values=pixels, input_boxes=batch["input_boxes"], multimask_output=False)
+        logits = box.pred_masks[:, :, 0]
+        pred, target = logits > 0, labels > 0.5
+        real = labels[:, :, 0, 0] != -100
+        iou = (pred & target).flatten(2).sum(2).float() / (pred | target).flatten(2).sum(2).float()
+        box_loss = SamDiceCELoss()(logits, labels)[0] + ((box.iou_scores[:, :, 0] - iou)[real] ** 2).mean()
+        points = model(
+            pixel_values=pixels,
+            input_points=batch["input_points"],
+            input_labels=batch["input_labels"],
+            multimask_output=True,
+        )
+        mask_sum, iou_sum, _ = multimask_loss(SamDiceCELoss(), points.pred_masks, points.iou_scores, labels, "sum")
+        empty = model(
+            pixel_values=pixels,
+            input_points=batch["background_points"],
+            input_labels=torch.ones(2, 1, 1, dtype=torch.long),
+            multimask_output=True,
+        )
+        bg_logits, bg_scores = empty.pred_masks[:, 0], empty.iou_scores[:, 0]
+        background = (torch.nn.functional.softplus(bg_logits).mean((-2, -1)) + bg_scores**2).mean(1).sum()
+    assert n_objects == 4  # 1 + 3 objects
+    torch.testing.assert_close(outputs.pred_masks, box.pred_masks)
+    hand = box_loss + (mask_sum + iou_sum) / 4 + 0.5 * background / 4
+    torch.testing.assert_close(loss, hand, rtol=1e-4, atol=1e-6)
+
+
+def test_objective_prompt_type_turns_with_the_step(tiny_model_dir):
+    """`prompt_types` are taken in turn, one per training step; evaluation always prompts boxes."""
+    from sam_hf.family.registry import family_of
+    from sam_hf.training.objective import SamObjective
+
+    model = SamModel.from_pretrained(tiny_model_dir)
+    family = family_of(model)
+    objective = SamObjective(family, family.geometry(model.config), prompt_types="box,point,box+point")
+    assert [objective.prompt_kind(step, training=True) for step in range(5)] == [
+        "box",
+        "point",
+        "box+point",
+        "box",
+        "point",
+    ]
+    assert objective.prompt_kind(1, training=False) == "box"
+    with pytest.raises(ValueError, match="multimask_every must be >= 0"):
+        SamObjective(family, family.geometry(model.config), multimask_every=-1)
+
+
+def test_sam_arguments_flags_defaults_and_checks():
+    """`SamArguments`, built from one dataclass per concern, has every flag with its default, and each group's checks
+    still refuse a bad value with the flag's name."""
+    argv = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o"]
+    _, _, sam_args, _ = parse_args(argv)
+    assert vars(sam_args) == {
+        "box_jitter": 20.0,
+        "max_objects_per_image": 16,
+        "multimask_training": False,
+        "multimask_every": 8,
+        "prompt_types": "box",
+        "num_correction_rounds": 0,
+        "background_point_weight": 0.1,
+        "iou_loss_weight": 1.0,
+        "lambda_dice": 1.0,
+        "lambda_ce": 1.0,
+        "cache_embeddings": True,  # on by default with the frozen vision encoder
+        "embedding_dtype": "float16",
+        "embedding_batch_size": None,
+        "embedding_cache_dir": None,
+        "lora_rank": None,
+        "lora_alpha": None,
+        "lora_dropout": 0.0,
+        "lora_target_modules": None,
+        "lora_merge": True,
+        "freeze_vision_encoder": True,
+        "freeze_prompt_encoder": True,
+        "early_stopping_patience": None,
+        "eval_before_training": True,
+        "overwrite_output_dir": False,
+    }
+    for flag, value in (
+        ("--num_correction_rounds", "-1"),  # prompts
+        ("--iou_loss_weight", "-1"),  # loss
+        ("--embedding_dtype", "int8"),  # cache
+        ("--lora_alpha", "2"),  # LoRA (without --lora_rank)
+    ):
+        with pytest.raises(ValueError, match=flag):
+            parse_args([*argv, flag, value])
