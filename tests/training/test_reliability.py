@@ -114,29 +114,24 @@ def test_chunked_evaluation_matches_one_pass_over_every_object(tiny_model_dir, t
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=True)
     eval_ds = data.with_transform(SamTransform(processor, train=False, with_instances=True))
     assert "labels" not in eval_ds[0]  # the trainer makes each chunk's labels itself
-    trainer = SamTrainer(
-        model=model,
-        args=args,
-        eval_dataset=eval_ds,
-        data_collator=SamDataCollator(),
-        processing_class=processor.image_processor,
-        compute_metrics=compute_metrics,
-        eval_chunk_size=3,
-    )
-    chunked = trainer.evaluate()
+
+    def evaluate(chunk_size: int) -> dict[str, float]:
+        return SamTrainer(
+            model=model,
+            args=args,
+            eval_dataset=eval_ds,
+            data_collator=SamDataCollator(),
+            processing_class=processor.image_processor,
+            compute_metrics=compute_metrics,
+            eval_chunk_size=chunk_size,
+        ).evaluate()
+
+    chunked = evaluate(3)
     assert chunked["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert chunked["eval_num_objects"] == 9
     # Chunks of 3 slots: image A's 7 objects in 3 + 3 + 1, image B's 2 beside A's first chunk.
     assert decoded == [6, 3, 1] and len(encoded) == 1
-    whole = SamTrainer(
-        model=model,
-        args=args,
-        eval_dataset=eval_ds,
-        data_collator=SamDataCollator(),
-        processing_class=processor.image_processor,
-        compute_metrics=compute_metrics,
-        eval_chunk_size=64,
-    ).evaluate()
+    whole = evaluate(64)
     assert whole["eval_dice"] == pytest.approx(chunked["eval_dice"], abs=1e-12)
     assert whole["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
